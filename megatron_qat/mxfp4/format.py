@@ -1,0 +1,94 @@
+"""MXFP4 storage format: E2M1 element codes, E8M0 scale bytes, nibble packing.
+
+Framework-light constants and bit helpers shared by the reference quantizer, the kernels'
+tests and the exporters. Nothing here decides *how* a value is rounded; that is
+:mod:`megatron_qat.mxfp4.reference`.
+
+E2M1 code (4 bits): bit 3 is the sign, bits 2..0 select a magnitude from
+``E2M1_MAGNITUDES`` = [0, 0.5, 1, 1.5, 2, 3, 4, 6]. Code 0x8 is -0.0.
+
+E8M0 scale byte: 2 ** (byte - 127); byte 255 is NaN (never produced for finite input).
+
+Packing (FlashInfer ``fp4_quantize``, OCP MX, gpt-oss ``*_blocks``, compressed-tensors
+``weight_packed``): element ``2i`` of a row goes to the LOW nibble of byte ``i``, element
+``2i+1`` to the HIGH nibble.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAX = 6.0
+E8M0_BIAS = 127
+E8M0_NAN = 255
+SIGN_BIT = 0x8
+DEFAULT_BLOCK_SIZE = 32
+FLASHINFER_BLOCK_SIZE = 32
+
+# float32 bit patterns used by the rule (see docs/numerics.md).
+RCP_SIX_BITS = 0x3E2AAAAB  # rcp.approx.ftz.f32(6.0) on sm_90 == RN(1/6), measured
+FLT_MIN_NORMAL = 2.0**-126  # anything smaller (in magnitude) is flushed to zero by FTZ
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def e2m1_lut(device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 ``[16]`` table: code -> value, sign bit included (index 8 is -0.0)."""
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
+    return torch.cat([mags, -mags])
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., K]`` codes (each < 16) -> uint8 ``[..., K // 2]``, even element in the low nibble."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"pack_nibbles: codes must be uint8, got {codes.dtype}")
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_nibbles: last dim of codes {tuple(codes.shape)} must be even")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., K // 2]`` -> uint8 ``[..., K]`` codes; inverse of :func:`pack_nibbles`."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_nibbles: packed codes must be uint8, got {packed.dtype}")
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def e8m0_to_float32(scales: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 bytes -> float32 ``2 ** (byte - 127)``, built from bits so byte 0 gives the
+    subnormal 2**-127 exactly and byte 255 gives NaN."""
+    b = scales.to(torch.int32)
+    bits = torch.where(b == 0, torch.full_like(b, 0x00400000), b << 23)
+    bits = torch.where(b == E8M0_NAN, torch.full_like(b, 0x7FC00000), bits)
+    return bits.view(torch.float32)
+
+
+def check_block_size(block_size: int, name: str = "block_size") -> int:
+    """A positive even integer (32 is what FlashInfer implements; others are ablations)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{name} must be an int, got {block_size!r}")
+    if block_size <= 0 or block_size % 2:
+        raise ValueError(f"{name} must be a positive even integer, got {block_size}")
+    return block_size
+
+
+def check_input(x: torch.Tensor, block_size: int, name: str = "x") -> None:
+    """Validate a tensor to be quantized: float16/bfloat16/float32, rank >= 1, K % block_size == 0."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; MXFP4 quantization accepts torch.float16, torch.bfloat16 "
+            "or torch.float32"
+        )
+    if x.dim() == 0:
+        raise ValueError(f"{name} is a 0-d tensor; MXFP4 needs shape [..., K] with K % {block_size} == 0")
+    k = x.shape[-1]
+    if k % block_size:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}: its last dim K={k} is not a multiple of the MXFP4 "
+            f"block size {block_size} (blocks run along the last, input-features dim)"
+        )

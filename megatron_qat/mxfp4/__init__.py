@@ -39,6 +39,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_ste",
+    "fake_quantize_many",
     "e2m1_lut",
     "e8m0_to_float32",
     "pack_nibbles",
@@ -89,3 +90,18 @@ def fake_quantize(x: torch.Tensor, block_size: int = 32, *, impl: str | None = N
 
         return triton_qdq.fake_quantize(x, block_size)
     return fake_quantize_reference(x, block_size)
+
+
+def fake_quantize_many(xs, block_size: int = 32, *, impl: str | None = None) -> list[torch.Tensor]:
+    """:func:`fake_quantize` of each tensor of a list (e.g. every expert weight of a
+    TEGroupedLinear). With the Triton kernel all tensors go through ONE launch; the reference loops.
+    Every tensor must share one dtype and device.
+    """
+    xs = list(xs)
+    if not xs:
+        return []
+    if resolve_impl(xs[0], impl) == "triton":
+        from ..kernels import triton_qdq
+
+        return triton_qdq.fake_quantize_many(xs, block_size)
+    return [fake_quantize_reference(x, block_size) for x in xs]

@@ -11,3 +11,31 @@ Importing this package is cheap: torch and the frameworks load only when a submo
 """
 
 __version__ = "0.1.0"
+
+
+def enable(block_size=None):
+    """Turn MXFP4 fake-QAT on for Megatron's TEGroupedLinear (see :func:`megatron_qat.megatron.enable`)."""
+    from .megatron import enable as _enable
+
+    return _enable(block_size)
+
+
+def disable():
+    """Undo :func:`enable` exactly (see :func:`megatron_qat.megatron.disable`)."""
+    from .megatron import disable as _disable
+
+    return _disable()
+
+
+def is_enabled():
+    """Whether the TEGroupedLinear weight hook is currently wrapped."""
+    from .megatron import is_enabled as _is_enabled
+
+    return _is_enabled()
+
+
+def enable_from_env(environ=None):
+    """Enable when ``OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG=1`` (see :func:`megatron_qat.megatron.enable_from_env`)."""
+    from .megatron import enable_from_env as _enable_from_env
+
+    return _enable_from_env(environ)

@@ -32,6 +32,11 @@ FLT_MIN_NORMAL = 2.0**-126  # anything smaller (in magnitude) is flushed to zero
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# fake_quantize writes exactly this quiet NaN for every element of a non-finite block, whatever the
+# device (PyTorch's own float32 -> bf16/fp16 NaN conversion differs between CPU and CUDA).
+CANONICAL_NAN_BITS = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float32: 0x7FC00000}
+INT_VIEW_DTYPES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
 
 def e2m1_lut(device: torch.device | str | None = None) -> torch.Tensor:
     """float32 ``[16]`` table: code -> value, sign bit included (index 8 is -0.0)."""

@@ -28,7 +28,9 @@ from typing import Callable
 import torch
 
 from .format import (
+    CANONICAL_NAN_BITS,
     E8M0_BIAS,
+    INT_VIEW_DTYPES,
     FLT_MIN_NORMAL,
     RCP_SIX_BITS,
     check_block_size,
@@ -145,7 +147,8 @@ def fake_quantize_reference(x: torch.Tensor, block_size: int = 32) -> torch.Tens
     """Reference of :func:`megatron_qat.mxfp4.fake_quantize`: quantize -> dequantize in ``x.dtype``.
 
     Finite blocks: bitwise equal to ``dequantize(*quantize(x), dtype=x.dtype)``. A block holding
-    NaN or +-inf comes out all NaN (FlashInfer would encode it; we keep divergence visible).
+    NaN or +-inf comes out all NaN, the canonical quiet NaN of ``CANONICAL_NAN_BITS`` (FlashInfer
+    would encode it; we keep divergence visible).
     Output is a new contiguous tensor with ``x``'s shape, dtype and device.
     """
     check_block_size(block_size)
@@ -158,9 +161,11 @@ def fake_quantize_reference(x: torch.Tensor, block_size: int = 32) -> torch.Tens
     def run(rs: slice) -> None:
         blocks = x2d[rs].float().reshape(-1, k // block_size, block_size)
         c, byte, nonfinite = _quantize_blocks(blocks)
-        values = lut[c.long()] * e8m0_to_float32(byte).unsqueeze(-1)
-        values = torch.where(nonfinite.unsqueeze(-1), torch.full_like(values, float("nan")), values)
-        out[rs] = values.reshape(-1, k).to(x.dtype)
+        values = (lut[c.long()] * e8m0_to_float32(byte).unsqueeze(-1)).to(x.dtype)
+        ints = values.view(INT_VIEW_DTYPES[x.dtype])
+        nan = torch.tensor(CANONICAL_NAN_BITS[x.dtype], dtype=torch.int64).to(ints.dtype)
+        ints = torch.where(nonfinite.unsqueeze(-1), nan.to(ints.device), ints)
+        out[rs] = ints.view(x.dtype).reshape(-1, k)
 
     _map_row_chunks(x2d, block_size, run)
     return out.reshape(x.shape)

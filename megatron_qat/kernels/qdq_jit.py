@@ -1,0 +1,222 @@
+"""Triton device code of the MXFP4 quantize / fake-quantize kernel (host side: ``triton_qdq``).
+
+Every step of the rule (docs/numerics.md, :mod:`megatron_qat.mxfp4.reference`) is done on the
+float32 BIT PATTERN with integer adds, shifts and compares, so no approximate instruction,
+FMA contraction or flush-to-zero mode can change a result. The one floating-point operation is
+``p = amax * RN(1/6)``: a single IEEE round-to-nearest float32 multiply (``mul.f32`` on the GPU,
+numpy float32 in the interpreter); a subnormal ``p`` gives scale byte 0 whether the hardware
+flushes it or not. The fp16 output uses the IEEE round-to-nearest-even conversion of the exact
+float32 value (``cvt.rn.f16.f32``), the same rounding ``torch.Tensor.to(torch.float16)`` does.
+
+Memory layout: a contiguous tensor ``[..., K]`` with ``K % BS == 0`` is a flat run of whole
+blocks (a block never straddles two rows), so a program handles ``NB`` consecutive blocks as an
+``[NB, BS_P2]`` tile: each element is read once and written once with 16-byte vector accesses.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Input / output element encodings (host passes bf16 as an int16 view, fp32 as an int32 view).
+KIND_BF16 = 0
+KIND_FP16 = 1
+KIND_FP32 = 2
+
+# float32 bit patterns.
+RCP_SIX_BITS = 0x3E2AAAAB  # RN(1/6) = rcp.approx.ftz(6.0) on sm_90
+INF_BITS = 0x7F800000
+SUB_HALF_BITS = 0x00400000  # 2**-127 (subnormal), the only reachable-in-principle subnormal value
+SIGN32 = -(2**31)
+# Canonical quiet NaN written for non-finite blocks (see docs/kernel.md, "NaN bits").
+NAN_BF16 = 0x7FC0
+NAN_FP16 = 0x7E00
+NAN_FP32 = 0x7FC00000
+
+
+@triton.jit
+def _e2m1_magnitude_code(vmag):
+    """int32 bits of |v| (float32, >= 0) -> E2M1 magnitude index 0..7, RNE with satfinite.
+
+    Ties: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4; above 5 -> 6. ``>`` where the
+    tie rounds down to the even code, ``>=`` where it rounds up to it.
+    """
+    c = (vmag > 0x3E800000).to(tl.int32)  # 0.25
+    c += (vmag >= 0x3F400000).to(tl.int32)  # 0.75
+    c += (vmag > 0x3FA00000).to(tl.int32)  # 1.25
+    c += (vmag >= 0x3FE00000).to(tl.int32)  # 1.75
+    c += (vmag > 0x40200000).to(tl.int32)  # 2.5
+    c += (vmag >= 0x40600000).to(tl.int32)  # 3.5
+    c += (vmag > 0x40A00000).to(tl.int32)  # 5.0
+    return c
+
+
+@triton.jit
+def qdq_tile(
+    x_ptr,
+    out_ptr,
+    codes_ptr,
+    scales_ptr,
+    blk0,
+    n_blocks,
+    KIND: tl.constexpr,
+    BS: tl.constexpr,
+    BS_P2: tl.constexpr,
+    NB: tl.constexpr,
+    WRITE_VALUES: tl.constexpr,
+    WRITE_CODES: tl.constexpr,
+):
+    """Quantize blocks ``blk0 .. blk0 + NB - 1`` (those ``< n_blocks``) of one tensor.
+
+    ``x_ptr``/``out_ptr`` point at element 0 of the tensor's input / fake-quantized output,
+    ``codes_ptr`` at its packed codes (``BS // 2`` bytes per block), ``scales_ptr`` at its scale
+    bytes (one per block). ``BS_P2`` is ``BS`` rounded up to a power of two (padding lanes are
+    masked and read as 0, which leaves the block max unchanged).
+    """
+    blk0 = blk0.to(tl.int64)
+    rows = tl.arange(0, NB)
+    cols = tl.arange(0, BS_P2)
+    row_ok = (blk0 + rows) < n_blocks
+    mask = row_ok[:, None]
+    if BS_P2 != BS:
+        mask = mask & (cols < BS)[None, :]
+    offs = rows[:, None] * BS + cols[None, :]
+    x = tl.load(x_ptr + blk0 * BS + offs, mask=mask, other=0)
+
+    # float32 bits of x (exact widening).
+    if KIND == 0:
+        bits = x.to(tl.int32) << 16
+    elif KIND == 1:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+    else:
+        bits = x
+    negative = bits < 0
+    mag = bits & 0x7FFFFFFF
+
+    # a. amax per block on magnitude bits (monotone for non-negative floats; NaN > inf).
+    amax_bits = tl.max(mag, axis=1)
+    nonfinite = amax_bits >= INF_BITS
+    # b. p = amax * RN(1/6): one IEEE float32 multiply.
+    rcp6 = tl.full([NB], RCP_SIX_BITS, tl.int32).to(tl.float32, bitcast=True)
+    p_bits = (amax_bits.to(tl.float32, bitcast=True) * rcp6).to(tl.int32, bitcast=True)
+    # c. byte = ceil(log2 p) + 127 from the exponent field, satfinite 254; subnormal/zero p -> 0.
+    p_exp = (p_bits >> 23) & 0xFF
+    byte = p_exp + ((p_bits & 0x7FFFFF) != 0).to(tl.int32)
+    byte = tl.where(p_exp == 0, 0, tl.minimum(byte, 254))
+
+    # d. v = x * 2**(127 - byte) by moving the exponent field; FTZ for subnormal x; a v below
+    # 2**-126 can only round to code 0, so it is 0 here too. Byte 0 and 254 use multiplier 0.
+    shift = (127 - byte)[:, None]
+    x_exp = mag >> 23
+    v_zero = (x_exp == 0) | (x_exp + shift <= 0)
+    v_zero = v_zero | ((byte == 0) | (byte >= 254) | nonfinite)[:, None]
+    vmag = tl.where(v_zero, 0, mag + (shift << 23))
+    c3 = _e2m1_magnitude_code(vmag)
+
+    if WRITE_CODES:
+        code = c3 | tl.where(negative, 8, 0)
+        pairs = tl.reshape(code, [NB, BS_P2 // 2, 2])
+        even, odd = tl.split(pairs)
+        packed = (even | (odd << 4)).to(tl.uint8)
+        prow = tl.arange(0, BS_P2 // 2)
+        pmask = row_ok[:, None]
+        if BS_P2 != BS:
+            pmask = pmask & (prow < BS // 2)[None, :]
+        poffs = rows[:, None] * (BS // 2) + prow[None, :]
+        tl.store(codes_ptr + blk0 * (BS // 2) + poffs, packed, mask=pmask)
+        tl.store(scales_ptr + blk0 + rows, byte.to(tl.uint8), mask=row_ok)
+
+    if WRITE_VALUES:
+        # Dequantize from bits: E2M1 magnitude m = 2**me * (1 + half/2); value = m * 2**(byte-127).
+        me = (c3 >> 1) - 1
+        half = ((c3 & 1) == 1) & (c3 > 1)
+        field = byte[:, None] + me
+        vbits = (field << 23) | tl.where(half, 0x00400000, 0)
+        vbits = tl.where(field >= 255, INF_BITS, vbits)
+        vbits = tl.where(field <= 0, SUB_HALF_BITS, vbits)
+        vbits = tl.where(c3 == 0, 0, vbits)
+        vbits = tl.where(negative, vbits | SIGN32, vbits)
+        bad = nonfinite[:, None]
+        if KIND == 0:
+            out = tl.where(bad, NAN_BF16, vbits >> 16).to(tl.int16)
+        elif KIND == 1:
+            half_bits = vbits.to(tl.float32, bitcast=True).to(tl.float16).to(tl.int16, bitcast=True)
+            out = tl.where(bad, NAN_FP16, half_bits.to(tl.int32)).to(tl.int16)
+        else:
+            out = tl.where(bad, NAN_FP32, vbits)
+        tl.store(out_ptr + blk0 * BS + offs, out, mask=mask)
+
+
+@triton.jit
+def qdq_single_kernel(
+    x_ptr,
+    out_ptr,
+    codes_ptr,
+    scales_ptr,
+    n_blocks,
+    KIND: tl.constexpr,
+    BS: tl.constexpr,
+    BS_P2: tl.constexpr,
+    NB: tl.constexpr,
+    WRITE_VALUES: tl.constexpr,
+    WRITE_CODES: tl.constexpr,
+):
+    """One contiguous tensor of ``n_blocks`` blocks; program ``i`` does blocks ``[i*NB, (i+1)*NB)``."""
+    blk0 = tl.program_id(0).to(tl.int64) * NB
+    qdq_tile(x_ptr, out_ptr, codes_ptr, scales_ptr, blk0, n_blocks, KIND, BS, BS_P2, NB, WRITE_VALUES, WRITE_CODES)
+
+
+@triton.jit
+def qdq_grouped_kernel(
+    base_ptr,
+    table_ptr,
+    out_ptr,
+    codes_ptr,
+    scales_ptr,
+    n_tensors,
+    KIND: tl.constexpr,
+    BS: tl.constexpr,
+    BS_P2: tl.constexpr,
+    NB: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    IN_ALIGN: tl.constexpr,
+    WRITE_VALUES: tl.constexpr,
+    WRITE_CODES: tl.constexpr,
+):
+    """Many contiguous tensors of one dtype in one launch.
+
+    ``table_ptr`` (int64) holds three arrays: ``tile_start[n+1]`` (prefix sum of each tensor's
+    program count), ``block_start[n+1]`` (prefix sum of block counts: where a tensor's output,
+    codes and scales start in the flat outputs) and ``in_offset[n]`` (element offset of the
+    tensor's first element from ``base_ptr``, >= 0, a multiple of ``IN_ALIGN``). Program ``pid``
+    finds its tensor by binary search over ``tile_start`` (empty tensors are skipped).
+    """
+    pid = tl.program_id(0)
+    lo = pid * 0
+    hi = n_tensors - 1
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        go_right = tl.load(table_ptr + mid) <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    t = lo
+    tile0 = tl.load(table_ptr + t)
+    blk_begin = tl.load(table_ptr + (n_tensors + 1) + t)
+    blk_end = tl.load(table_ptr + (n_tensors + 1) + t + 1)
+    in_off = tl.load(table_ptr + 2 * (n_tensors + 1) + t)
+    in_off = tl.multiple_of(in_off, IN_ALIGN)
+    blk0 = (pid - tile0).to(tl.int64) * NB
+    qdq_tile(
+        base_ptr + in_off,
+        out_ptr + blk_begin * BS,
+        codes_ptr + blk_begin * (BS // 2),
+        scales_ptr + blk_begin,
+        blk0,
+        blk_end - blk_begin,
+        KIND,
+        BS,
+        BS_P2,
+        NB,
+        WRITE_VALUES,
+        WRITE_CODES,
+    )

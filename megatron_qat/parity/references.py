@@ -1,0 +1,189 @@
+"""The three quantizers a parity run touches: the golden model, FlashInfer, and ours.
+
+Every reference maps a CPU tensor ``x [R, K]`` (bf16/fp16/fp32, finite rows) to
+``(codes uint8 [R, K/2], scales uint8 [R, K/32], values float32 [R, K])`` on the CPU, where
+``values`` is that reference's own decode of its codes and scales.
+
+- :class:`GoldenReference` (:mod:`.golden`, NumPy, independent of megatron_qat.mxfp4): decodes
+  0x8 as -0.0.
+- :class:`FlashInferReference`: ``flashinfer.fp4_quantize(x, None, 32, True,
+  is_sf_swizzled_layout=False)`` on CUDA, decoded by ``flashinfer.mxfp4_dequantize_host`` (CPU),
+  whose lookup table maps 0x8 to +0.0: value comparisons against it normalise -0.0 to +0.0.
+- :class:`Ours`: ``megatron_qat.mxfp4.quantize`` / ``dequantize`` / ``fake_quantize``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .canary import canary, canary_problems
+from .errors import ParityError
+
+BLOCK = 32
+SM100 = (10, 0)
+FLASHINFER_DEVICE = "cuda:0"  # where fp4_quantize runs (tests substitute "cpu" with a fake module)
+SM100_ONLY = (
+    "FlashInfer's MXFP4 kernel body (fp4_quantize with sf_vec_size=32, sf_use_ue8m0=True) is compiled only "
+    "for sm_100+; below that it returns uninitialized memory (measured on sm_90)"
+)
+
+
+class GoldenReference:
+    name = "golden"
+    decodes_negative_zero = True  # 0x8 -> -0.0
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def unsupported(self, dtype: torch.dtype) -> str | None:
+        return None
+
+    def quantize(self, x: torch.Tensor):
+        from . import golden
+
+        codes, scales = golden.quantize(x.float().numpy())
+        values = golden.decode(codes, scales)
+        return torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(values)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "reason": self.reason,
+            "implementation": "megatron_qat.parity.golden (NumPy, independent of megatron_qat.mxfp4)",
+            "decodes_0x8_as": "-0.0",
+            "negative_zero_normalised": False,
+        }
+
+
+class FlashInferReference:
+    name = "flashinfer"
+    decodes_negative_zero = False  # mxfp4_dequantize_host's table maps 0x8 to +0.0
+
+    def __init__(self, flashinfer_module, device: str, reason: str):
+        self.fi = flashinfer_module
+        self.device = device
+        self.reason = reason
+
+    def unsupported(self, dtype: torch.dtype) -> str | None:
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"skipped: flashinfer fp4_quantize takes bfloat16/float16, not {str(dtype).replace('torch.', '')}"
+        return None
+
+    def _poison(self, rows: int, k: int) -> None:
+        """Fill then free buffers the size of fp4_quantize's outputs, so that a kernel that writes
+        nothing hands back 0xA5 bytes instead of stale (possibly correct-looking) data."""
+        sizes = (rows * k // 2, ((rows + 15) // 16) * 16 * k // BLOCK)
+        bufs = [torch.full((n,), 0xA5, dtype=torch.uint8, device=self.device) for n in sizes]
+        del bufs
+
+    def quantize(self, x: torch.Tensor):
+        rows, k = x.shape
+        xd = x.to(self.device).contiguous()
+        self._poison(rows, k)
+        codes, sf = self.fi.fp4_quantize(xd, None, BLOCK, True, is_sf_swizzled_layout=False)
+        codes = codes.view(torch.uint8).reshape(rows, k // 2).cpu().contiguous()
+        # Linear layout: the first rows * K/32 bytes, row-major (some versions return the padded
+        # flat buffer, newer ones [rows, K/32]; both start with the same bytes).
+        scales = sf.view(torch.uint8).reshape(-1)[: rows * (k // BLOCK)].reshape(rows, k // BLOCK).cpu().contiguous()
+        values = self.fi.mxfp4_dequantize_host(codes, scales, BLOCK).float()
+        return codes, scales, values
+
+    def check_canary(self) -> None:
+        x, _, _, _ = canary()
+        try:
+            codes, scales, values = self.quantize(x)
+        except Exception as exc:  # JIT build or launch failure: reported, exit 2
+            raise ParityError(f"--reference flashinfer: fp4_quantize failed on the canary ({type(exc).__name__}: {exc})") from exc
+        problems = canary_problems(codes, scales, values)
+        if problems:
+            raise ParityError(
+                f"--reference flashinfer: the canary failed on {_gpu_name(self.device)}: " + "; ".join(problems)
+                + f". Refusing to use FlashInfer as the reference ({SM100_ONLY}). Use --reference golden."
+            )
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "reason": self.reason,
+            "implementation": "flashinfer.fp4_quantize(x, None, 32, True, is_sf_swizzled_layout=False) + "
+            "flashinfer.mxfp4_dequantize_host",
+            "version": getattr(self.fi, "__version__", None),
+            "device": _gpu_name(self.device),
+            "decodes_0x8_as": "+0.0",
+            "negative_zero_normalised": True,
+            "canary": "passed",
+        }
+
+
+def _gpu_name(device: str) -> str:
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return str(device)
+    cap = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]})"
+
+
+def _import_flashinfer():
+    import flashinfer
+
+    return flashinfer
+
+
+def choose_reference(choice: str, allow_unsupported_gpu: bool):
+    """``auto`` / ``golden`` / ``flashinfer`` -> a reference (canary already passed for FlashInfer).
+
+    Raises ParityError (exit 2) when ``flashinfer`` is requested but unusable."""
+    if choice == "golden":
+        return GoldenReference("requested with --reference golden")
+    if allow_unsupported_gpu and choice != "flashinfer":
+        raise ParityError("--allow-unsupported-gpu only applies to --reference flashinfer")
+    if not torch.cuda.is_available():
+        if choice == "flashinfer":
+            raise ParityError("--reference flashinfer needs a CUDA GPU; none is visible. Use --reference golden.")
+        return GoldenReference("auto: no CUDA GPU, so FlashInfer cannot run")
+    cap = torch.cuda.get_device_capability(0)
+    if cap < SM100:
+        if choice == "flashinfer" and not allow_unsupported_gpu:
+            raise ParityError(
+                f"--reference flashinfer: {_gpu_name('cuda:0')} has compute capability {cap[0]}.{cap[1]} < 10.0. "
+                f"{SM100_ONLY}. Use --reference golden (or --allow-unsupported-gpu to watch the canary refuse it)."
+            )
+        if choice == "auto":
+            return GoldenReference(f"auto: GPU compute capability {cap[0]}.{cap[1]} < 10.0 ({SM100_ONLY})")
+    try:
+        fi = _import_flashinfer()
+    except ImportError as exc:
+        if choice == "flashinfer":
+            raise ParityError(f"--reference flashinfer: cannot import flashinfer ({exc}); install flashinfer-python or use --reference golden") from exc
+        return GoldenReference(f"auto: flashinfer not importable ({exc})")
+    why = "requested with --reference flashinfer" if choice == "flashinfer" else f"auto: flashinfer importable, GPU sm_{cap[0]}{cap[1]}"
+    if cap < SM100:
+        why += " (--allow-unsupported-gpu: capability check skipped)"
+    ref = FlashInferReference(fi, FLASHINFER_DEVICE, why)
+    ref.check_canary()
+    return ref
+
+
+class Ours:
+    """megatron_qat.mxfp4 on ``device`` with ``impl`` (None: its own dispatch)."""
+
+    def __init__(self, device: str, impl: str | None):
+        self.device = device
+        self.impl = impl
+
+    def resolved_impl(self, x: torch.Tensor) -> str:
+        from megatron_qat.mxfp4 import resolve_impl
+
+        return resolve_impl(x[:1].to(self.device), self.impl)
+
+    def run(self, x: torch.Tensor):
+        """-> (codes [R, K/2], scales [R, K/32], dequantize(float32) [R, K], fake_quantize in x.dtype)."""
+        from megatron_qat import mxfp4
+
+        xd = x.to(self.device)
+        codes, scales = mxfp4.quantize(xd, BLOCK, impl=self.impl)
+        dq = mxfp4.dequantize(codes, scales, torch.float32, BLOCK)
+        fq = mxfp4.fake_quantize(xd, BLOCK, impl=self.impl)
+        return codes.cpu(), scales.cpu(), dq.cpu(), fq.cpu()
+
+    def describe(self) -> dict:
+        return {"module": "megatron_qat.mxfp4", "device": self.device, "impl_requested": self.impl}

@@ -1,0 +1,287 @@
+"""Where the tensors come from: safetensors (file, directory, ``*.safetensors.index.json``),
+torch ``.pt`` / ``.pth`` / ``.bin`` state dicts, or the built-in synthetic families.
+
+Lazy by design: a :class:`TensorEntry` knows a tensor's name, shape and dtype (read from the
+header) and reads a range of its rows on demand. safetensors tensors are read through
+``safe_open(...).get_slice(name)[...]``, so only the requested rows of one tensor are ever in
+memory. ``.pt`` files are opened with ``torch.load(map_location="cpu", weights_only=True,
+mmap=True)`` (legacy non-zip files fall back to ``mmap=False``, noted in the report).
+
+Rows: a tensor of shape ``[..., K]`` is ``R = prod(shape[:-1])`` rows of ``K`` (a 1-D tensor is one
+row). Ranges never cross the last-but-one dimension (``read_rows`` stays inside one matrix).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import ParityError
+
+# safetensors dtype strings -> torch dtypes we can quantize; other float types are "unsupported".
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_ST_FLOAT_UNSUPPORTED = ("F64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4")
+SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class TensorEntry:
+    """One tensor of a source. ``read_rows(start, stop)`` -> CPU tensor ``[stop - start, K]``."""
+
+    name: str
+    file: str | None
+    shape: tuple[int, ...]
+    dtype_name: str  # as stored ("BF16", "torch.bfloat16", ...)
+    dtype: torch.dtype | None  # None unless it is one of SUPPORTED
+    skip_reason: str | None
+    read_rows: Callable[[int, int], torch.Tensor] = field(repr=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else (1 if self.shape else 0)
+
+    @property
+    def matrix_rows(self) -> int:
+        """Rows per innermost matrix (``shape[-2]``); ranges never cross a multiple of it."""
+        return self.shape[-2] if len(self.shape) > 1 else 1
+
+
+def _dtype_skip(dtype_name: str, floating: bool) -> str | None:
+    if not floating:
+        return f"skipped: non-floating dtype {dtype_name}"
+    return f"skipped: dtype {dtype_name} not supported (accepted: bfloat16, float16, float32)"
+
+
+def _shape_skip(shape: tuple[int, ...], block: int = 32) -> str | None:
+    if len(shape) == 0:
+        return "skipped: 0-d tensor (need [..., K])"
+    if math.prod(shape) == 0:
+        return f"skipped: empty tensor {list(shape)}"
+    if shape[-1] % block:
+        return f"skipped: K={shape[-1]} not a multiple of {block}"
+    return None
+
+
+def _row_index(shape: tuple[int, ...], start: int, stop: int) -> tuple:
+    """Index selecting flat rows [start, stop) of one matrix of a tensor of ``shape``."""
+    if len(shape) == 1:
+        return (slice(None),)
+    n = shape[-2]
+    lead = start // n
+    if (stop - 1) // n != lead:
+        raise ValueError(f"row range [{start}, {stop}) crosses a matrix boundary (rows per matrix {n})")
+    outer = []
+    for dim in reversed(shape[:-2]):
+        outer.append(lead % dim)
+        lead //= dim
+    return (*reversed(outer), slice(start % n, stop - (start - start % n)))
+
+
+def _as_rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t.reshape(-1, k)
+
+
+# --------------------------------------------------------------------------- safetensors
+def _open_safetensors(path: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError, OSError: reported with the file name, exit 2
+        raise ParityError(f"{path}: cannot read the safetensors header ({type(exc).__name__}: {exc})") from exc
+
+
+def safetensors_entries(path: str, names: list[str] | None = None) -> list[TensorEntry]:
+    """Entries of one .safetensors file (``names``: restrict to these, in this order)."""
+    handle = _open_safetensors(path)
+    present = list(handle.keys())
+    if names is None:
+        names = present
+    else:
+        missing = sorted(set(names) - set(present))
+        if missing:
+            raise ParityError(f"{path}: the index lists {len(missing)} tensor(s) absent from this shard, e.g. {missing[0]!r}")
+    entries = []
+    for name in names:
+        sl = handle.get_slice(name)
+        shape = tuple(int(d) for d in sl.get_shape())
+        dname = sl.get_dtype()
+        dtype = _ST_DTYPES.get(dname)
+        if dtype is None:
+            floating = dname.startswith("F") or dname in ("BF16",)
+            skip = _dtype_skip(dname, floating)
+        else:
+            skip = _shape_skip(shape)
+
+        def read(start: int, stop: int, _name=name, _shape=shape) -> torch.Tensor:
+            try:
+                return _as_rows(handle.get_slice(_name)[_row_index(_shape, start, stop)], _shape[-1])
+            except Exception as exc:
+                raise ParityError(f"{path}: reading rows {start}:{stop} of {_name} failed: {exc}") from exc
+
+        entries.append(TensorEntry(name, path, shape, dname, dtype, skip, read))
+    return entries
+
+
+def index_entries(index_path: str) -> list[TensorEntry]:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ParityError(f"{index_path}: not a readable safetensors index (need a JSON object with 'weight_map'): {exc}") from exc
+    base = os.path.dirname(index_path)
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    for shard in by_shard:
+        if not os.path.isfile(os.path.join(base, shard)):
+            raise ParityError(f"{index_path}: shard {shard!r} listed in weight_map not found in {base or '.'}")
+    entries: list[TensorEntry] = []
+    for shard in sorted(by_shard):
+        entries.extend(safetensors_entries(os.path.join(base, shard), by_shard[shard]))
+    return entries
+
+
+# --------------------------------------------------------------------------- torch .pt
+def _flatten(obj, prefix: str, out: dict, other: list) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, other)
+    elif isinstance(obj, (list, tuple)) and obj and all(isinstance(v, (dict, torch.Tensor)) for v in obj):
+        for i, value in enumerate(obj):
+            _flatten(value, f"{prefix}.{i}" if prefix else str(i), out, other)
+    else:
+        other.append(prefix)
+
+
+def load_torch(path: str, trust_pickle: bool, notes: list[str]) -> dict[str, torch.Tensor]:
+    """Flattened ``{dotted name: tensor}`` of a torch checkpoint (``{"model": {...}}`` etc.)."""
+    import pickle
+
+    kwargs = dict(map_location="cpu", weights_only=not trust_pickle)
+    try:
+        obj = torch.load(path, mmap=True, **kwargs)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc) and "zip" not in str(exc):
+            raise ParityError(f"{path}: torch.load failed: {exc}") from exc
+        notes.append(f"{path}: not a zip-format checkpoint, loaded without mmap (whole file in memory)")
+        try:
+            obj = torch.load(path, **kwargs)
+        except Exception as exc2:
+            raise ParityError(f"{path}: torch.load failed: {exc2}") from exc2
+    except pickle.UnpicklingError as exc:
+        raise ParityError(
+            f"{path}: refused by torch.load(weights_only=True) ({str(exc).splitlines()[0]}). If you trust "
+            "this file (e.g. a Megatron model_optim_rng.pt with its args), rerun with --trust-pickle."
+        ) from exc
+    except Exception as exc:
+        raise ParityError(f"{path}: torch.load failed ({type(exc).__name__}: {exc})") from exc
+    tensors: dict[str, torch.Tensor] = {}
+    other: list[str] = []
+    _flatten(obj, "", tensors, other)
+    if other:
+        notes.append(f"{path}: {len(other)} non-tensor entr{'y' if len(other) == 1 else 'ies'} ignored (e.g. {other[0]!r})")
+    return tensors
+
+
+def _tensor_entry(name: str, file: str | None, t: torch.Tensor) -> TensorEntry:
+    shape = tuple(t.shape)
+    if t.dtype in SUPPORTED:
+        skip, dtype = _shape_skip(shape), t.dtype
+    else:
+        skip, dtype = _dtype_skip(str(t.dtype).replace("torch.", ""), t.dtype.is_floating_point), None
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return _as_rows(t[_row_index(shape, start, stop)], shape[-1])
+
+    return TensorEntry(name, file, shape, str(t.dtype).replace("torch.", ""), dtype, skip, read)
+
+
+def torch_entries(path: str, trust_pickle: bool, notes: list[str]) -> list[TensorEntry]:
+    return [_tensor_entry(n, path, t) for n, t in load_torch(path, trust_pickle, notes).items()]
+
+
+def synthetic_entries(seed: int = 0) -> list[TensorEntry]:
+    from .synthetic import synthetic_tensors
+
+    return [_tensor_entry(name, None, t) for name, t in synthetic_tensors(seed)]
+
+
+# --------------------------------------------------------------------------- path resolution
+_TORCH_EXT = (".pt", ".pth", ".bin")
+
+
+def _directory_files(path: str) -> list[tuple[str, str]]:
+    """(kind, file) for a checkpoint directory: index > safetensors > torch files > Megatron layout."""
+    indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+    if len(indexes) > 1:
+        raise ParityError(f"{path}: several safetensors indexes {[os.path.basename(i) for i in indexes]}; pass one of them")
+    if indexes:
+        return [("index", indexes[0])]
+    shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if shards:
+        return [("safetensors", s) for s in shards]
+    torch_files = sorted(f for ext in _TORCH_EXT for f in glob.glob(os.path.join(path, "*" + ext)))
+    if torch_files:
+        return [("torch", f) for f in torch_files]
+    if glob.glob(os.path.join(path, "*.distcp")) or os.path.exists(os.path.join(path, ".metadata")):
+        raise ParityError(
+            f"{path}: a Megatron distributed (torch_dist) checkpoint; parity reads safetensors or torch "
+            "state dicts: convert it first (e.g. Megatron-LM tools/checkpoint or an HF export)"
+        )
+    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(tracker):
+        with open(tracker, encoding="utf-8") as f:
+            it = f.read().strip()
+        sub = "release" if it == "release" else f"iter_{int(it):07d}"
+        return _directory_files(os.path.join(path, sub))
+    rank_files = sorted(glob.glob(os.path.join(path, "mp_rank_*", "*.pt")))
+    if rank_files:
+        return [("torch", f) for f in rank_files]
+    raise ParityError(
+        f"{path}: no checkpoint found (looked for *.safetensors.index.json, *.safetensors, *.pt/*.pth/*.bin, "
+        "Megatron latest_checkpointed_iteration.txt or mp_rank_*/*.pt)"
+    )
+
+
+def resolve(paths: list[str]) -> list[tuple[str, str]]:
+    """Expand user paths into (kind, file) pairs; ParityError (exit 2) names a bad path."""
+    out: list[tuple[str, str]] = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise ParityError(f"{p}: no such file or directory")
+        if os.path.isdir(p):
+            out.extend(_directory_files(p))
+        elif p.endswith(".safetensors.index.json"):
+            out.append(("index", p))
+        elif p.endswith(".safetensors"):
+            out.append(("safetensors", p))
+        elif p.endswith(_TORCH_EXT):
+            out.append(("torch", p))
+        else:
+            raise ParityError(f"{p}: unsupported file type (accepted: .safetensors, *.safetensors.index.json, .pt, .pth, .bin, or a directory)")
+        if not os.access(out[-1][1], os.R_OK):
+            raise ParityError(f"{out[-1][1]}: not readable (permission denied)")
+    return out
+
+
+def iter_entries(files: list[tuple[str, str]], trust_pickle: bool, notes: list[str]) -> Iterator[TensorEntry]:
+    for kind, f in files:
+        if kind == "index":
+            yield from index_entries(f)
+        elif kind == "safetensors":
+            yield from safetensors_entries(f)
+        else:
+            yield from torch_entries(f, trust_pickle, notes)

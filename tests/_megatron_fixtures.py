@@ -1,0 +1,26 @@
+"""Shared fixtures for the CPU Megatron-patch tests: the real megatron-core extension module
+(installed here without Transformer Engine, so its TEGroupedLinear is None) gets a stand-in
+``TEGroupedLinear`` (tests/te_standin.py) for the duration of a test."""
+
+from __future__ import annotations
+
+import pytest
+
+from te_standin import StandInGroupedLinear
+
+
+@pytest.fixture
+def te_ext(monkeypatch):
+    """The real ``megatron.core.extensions.transformer_engine`` with a fresh stand-in class."""
+    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    import megatron.core.extensions.transformer_engine as ext
+
+    import megatron_qat.megatron as mm
+
+    class TEGroupedLinear(StandInGroupedLinear):
+        pass
+
+    monkeypatch.setattr(ext, "TEGroupedLinear", TEGroupedLinear)
+    mm.disable()
+    yield ext
+    mm.disable()

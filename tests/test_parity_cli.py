@@ -1,0 +1,63 @@
+"""The default run (synthetic families), the console entry points, and the --json schema."""
+
+import json
+import subprocess
+import sys
+
+from megatron_qat import cli
+from megatron_qat.parity import main
+from megatron_qat.parity.report import SCHEMA
+from megatron_qat.parity.synthetic import FAMILIES
+
+TENSOR_KEYS = {
+    "name": (str,), "file": (str, type(None)), "shape": (list,), "dtype": (str,), "numel": (int,), "status": (str,),
+    "impl": (str, type(None)), "rows_total": (int,), "rows_compared": (int,), "elements_compared": (int,),
+    "code_mismatches": (int,), "scale_mismatches": (int,), "value_mismatches": (int,), "dequant_mismatches": (int,),
+    "max_abs_diff": (float, int, str), "nonfinite_values": (int,), "excluded_rows": (int,),
+    "first_mismatch": (dict, type(None)), "elapsed_s": (float, int),
+}
+TOTAL_KEYS = {
+    "tensors_selected", "tensors_compared", "tensors_mismatched", "tensors_skipped", "elements_compared",
+    "code_mismatches", "scale_mismatches", "value_mismatches", "dequant_mismatches", "nonfinite_values",
+    "excluded_rows", "max_abs_diff", "elapsed_s",
+}
+
+
+def test_default_run_is_synthetic_and_passes_with_schema(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert main(["--quiet", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("PARITY OK: 20 tensors")
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"schema", "tool_version", "status", "exit_code", "sources", "include", "block_size", "options", "reference", "ours", "totals", "notes", "tensors"}
+    assert (doc["schema"], doc["status"], doc["exit_code"], doc["sources"], doc["block_size"]) == (SCHEMA, "equal", 0, ["synthetic"], 32)
+    assert doc["reference"]["name"] == "golden" and doc["reference"]["decodes_0x8_as"] == "-0.0" and doc["reference"]["reason"]
+    assert doc["ours"]["module"] == "megatron_qat.mxfp4" and doc["ours"]["impls"]
+    assert set(doc["totals"]) == TOTAL_KEYS and doc["totals"]["tensors_compared"] == 2 * len(FAMILIES)
+    for t in doc["tensors"]:
+        assert set(t) == set(TENSOR_KEYS)
+        for key, types in TENSOR_KEYS.items():
+            assert isinstance(t[key], types), (key, t[key])
+        assert t["status"] == "equal" and t["elements_compared"] == t["numel"]
+    assert {t["dtype"] for t in doc["tensors"]} == {"bfloat16", "float16"}
+
+
+def test_console_dispatcher_runs_parity(capsys):
+    assert cli.main(["parity", "--quiet", "--synthetic"]) == 0
+    assert "PARITY OK" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "megatron_qat.parity", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "PARITY OK" in proc.stdout
+
+
+def test_help_lists_flags(capsys):
+    try:
+        cli.main(["parity", "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--reference", "--include", "--sample-rows", "--limit", "--json", "--allow-unsupported-gpu", "--device"):
+        assert flag in text

@@ -23,15 +23,15 @@ KIND_BF16 = 0
 KIND_FP16 = 1
 KIND_FP32 = 2
 
-# float32 bit patterns.
-RCP_SIX_BITS = 0x3E2AAAAB  # RN(1/6) = rcp.approx.ftz(6.0) on sm_90
-INF_BITS = 0x7F800000
-SUB_HALF_BITS = 0x00400000  # 2**-127 (subnormal), the only reachable-in-principle subnormal value
-SIGN32 = -(2**31)
+# float32 bit patterns (tl.constexpr: compiled kernels may read only constexpr globals).
+RCP_SIX_BITS = tl.constexpr(0x3E2AAAAB)  # RN(1/6) = rcp.approx.ftz(6.0) on sm_90
+INF_BITS = tl.constexpr(0x7F800000)
+SUB_HALF_BITS = tl.constexpr(0x00400000)  # 2**-127 (subnormal), the only reachable-in-principle subnormal value
+SIGN32 = tl.constexpr(-(2**31))
 # Canonical quiet NaN written for non-finite blocks (see docs/kernel.md, "NaN bits").
-NAN_BF16 = 0x7FC0
-NAN_FP16 = 0x7E00
-NAN_FP32 = 0x7FC00000
+NAN_BF16 = tl.constexpr(0x7FC0)
+NAN_FP16 = tl.constexpr(0x7E00)
+NAN_FP32 = tl.constexpr(0x7FC00000)
 
 
 @triton.jit

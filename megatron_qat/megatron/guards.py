@@ -23,7 +23,8 @@ FLAG_HINT = "unset OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG (or call megatron_qat.disab
 SINGLE_WEIGHT_MESSAGE = (
     "the single grouped expert weight (config moe_single_grouped_weight=True / "
     "NVTE_GROUPED_LINEAR_SINGLE_PARAM=1: TE hands the hook one GroupedTensor) is not supported by "
-    "megatron_qat MXFP4 fake-QAT; set moe_single_grouped_weight=False and unset "
+    "megatron_qat MXFP4 fake-QAT (megatron-core 0.19 also ties it to use_transformer_engine_op_fuser=True, "
+    "which bypasses the weight hook); set moe_single_grouped_weight=False and unset "
     "NVTE_GROUPED_LINEAR_SINGLE_PARAM (discrete weight0..weightN-1), or " + FLAG_HINT
 )
 _QUANTIZED_TYPE_NAMES = {
@@ -75,11 +76,13 @@ def check_moe_config(config) -> None:
         ("fp8_param", "FP8 primary weights (fp8_param / --fp8-param-gather) hand the hook quantized tensors, not "
          "BF16 master weights; turn fp8_param off"),
     ]
+    # First: megatron-core 0.19 accepts the single grouped weight only together with the op fuser,
+    # and the single-weight message is the one that names both switches to turn off.
+    if _truthy_setting(getattr(config, "moe_single_grouped_weight", False)):
+        raise NotImplementedError(SINGLE_WEIGHT_MESSAGE)
     for name, why in refusals:
         if _truthy_setting(getattr(config, name, False)):
             raise RuntimeError(f"MXFP4 fake-QAT cannot apply: {why}; or {FLAG_HINT}")
-    if _truthy_setting(getattr(config, "moe_single_grouped_weight", False)):
-        raise NotImplementedError(SINGLE_WEIGHT_MESSAGE)
     if getattr(config, "fp8", None) or getattr(config, "fp4", None):
         _warn_once(
             "fp8-recipe",

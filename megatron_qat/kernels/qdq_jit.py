@@ -28,6 +28,7 @@ RCP_SIX_BITS = tl.constexpr(0x3E2AAAAB)  # RN(1/6) = rcp.approx.ftz(6.0) on sm_9
 INF_BITS = tl.constexpr(0x7F800000)
 SUB_HALF_BITS = tl.constexpr(0x00400000)  # 2**-127 (subnormal), the only reachable-in-principle subnormal value
 SIGN32 = tl.constexpr(-(2**31))
+MAGIC_RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds 0 <= y < 2**22 half-to-even
 # Canonical quiet NaN written for non-finite blocks (see docs/kernel.md, "NaN bits").
 NAN_BF16 = tl.constexpr(0x7FC0)
 NAN_FP16 = tl.constexpr(0x7E00)
@@ -90,7 +91,6 @@ def qdq_tile(
         bits = x.to(tl.float32).to(tl.int32, bitcast=True)
     else:
         bits = x
-    negative = bits < 0
     mag = bits & 0x7FFFFFFF
 
     # a. amax per block on magnitude bits (monotone for non-negative floats; NaN > inf).
@@ -104,17 +104,17 @@ def qdq_tile(
     byte = p_exp + ((p_bits & 0x7FFFFF) != 0).to(tl.int32)
     byte = tl.where(p_exp == 0, 0, tl.minimum(byte, 254))
 
-    # d. v = x * 2**(127 - byte) by moving the exponent field; FTZ for subnormal x; a v below
-    # 2**-126 can only round to code 0, so it is 0 here too. Byte 0 and 254 use multiplier 0.
-    shift = (127 - byte)[:, None]
-    x_exp = mag >> 23
-    v_zero = (x_exp == 0) | (x_exp + shift <= 0)
-    v_zero = v_zero | ((byte == 0) | (byte >= 254) | nonfinite)[:, None]
-    vmag = tl.where(v_zero, 0, mag + (shift << 23))
-    c3 = _e2m1_magnitude_code(vmag)
-
     if WRITE_CODES:
-        code = c3 | tl.where(negative, 8, 0)
+        # d. (codes, integer pipe) v = x * 2**(127 - byte) by moving the exponent field; FTZ for
+        # subnormal x; a v below 2**-126 can only round to code 0, so it is 0 here too. Byte 0 and
+        # 254 use multiplier 0.
+        shift = (127 - byte)[:, None]
+        x_exp = mag >> 23
+        v_zero = (x_exp == 0) | (x_exp + shift <= 0)
+        v_zero = v_zero | ((byte == 0) | (byte >= 254) | nonfinite)[:, None]
+        vmag = tl.where(v_zero, 0, mag + (shift << 23))
+        c3 = _e2m1_magnitude_code(vmag)
+        code = c3 | tl.where(bits < 0, 8, 0)
         pairs = tl.reshape(code, [NB, BS_P2 // 2, 2])
         even, odd = tl.split(pairs)
         packed = (even | (odd << 4)).to(tl.uint8)
@@ -127,18 +127,25 @@ def qdq_tile(
         tl.store(scales_ptr + blk0 + rows, byte.to(tl.uint8), mask=row_ok)
 
     if WRITE_VALUES:
-        # Dequantize from bits: E2M1 magnitude m = 2**me * (1 + half/2); value = m * 2**(byte-127).
-        me = (c3 >> 1) - 1
-        half = ((c3 & 1) == 1) & (c3 > 1)
-        field = byte[:, None] + me
-        vbits = (field << 23) | tl.where(half, 0x00400000, 0)
-        vbits = tl.where(field >= 255, INF_BITS, vbits)
-        vbits = tl.where(field <= 0, SUB_HALF_BITS, vbits)
-        vbits = tl.where(c3 == 0, 0, vbits)
-        vbits = tl.where(negative, vbits | SIGN32, vbits)
+        # Values on the fp32 pipe (Hopper issues fp32 at twice the int32 rate; the integer code path
+        # above is only taken when codes are asked for). Every multiply is by an exact power of two.
+        #   a = |x| * 2**(127 - byte)          exact; FTZ: a float32-subnormal x gives 0
+        #   E2M1 grid step: 0.5 below 2, 1 below 4, 2 above -> r = RNE(a / step) with the magic
+        #   add 1.5 * 2**23 (exact round-half-even on the integer, |a / step| < 2**22), q = r * step,
+        #   saturated at 6. RNE on the integer r is RNE to the even E2M1 code (even r <-> even code).
+        #   value = q * 2**(byte - 127), exact or +inf past float32's range (bf16 max -> 2**128).
+        inv = tl.where((byte > 0) & (byte < 254), (254 - byte) << 23, 0).to(tl.float32, bitcast=True)
+        scale = (byte << 23).to(tl.float32, bitcast=True)
+        a = mag.to(tl.float32, bitcast=True) * inv[:, None]
+        a = tl.where(mag < 0x00800000, 0.0, a)
+        below2 = a < 2.0
+        below4 = a < 4.0
+        r = (a * tl.where(below2, 2.0, tl.where(below4, 1.0, 0.5)) + MAGIC_RNE) - MAGIC_RNE
+        q = tl.minimum(r * tl.where(below2, 0.5, tl.where(below4, 1.0, 2.0)), 6.0)
+        vbits = (q * scale[:, None]).to(tl.int32, bitcast=True) | (bits & SIGN32)
         bad = nonfinite[:, None]
         if KIND == 0:
-            out = tl.where(bad, NAN_BF16, vbits >> 16).to(tl.int16)
+            out = tl.where(bad, NAN_BF16, vbits >> 16).to(tl.int16)  # exact: 2 significant bits
         elif KIND == 1:
             half_bits = vbits.to(tl.float32, bitcast=True).to(tl.float16).to(tl.int16, bitcast=True)
             out = tl.where(bad, NAN_FP16, half_bits.to(tl.int32)).to(tl.int16)

@@ -21,5 +21,5 @@ case "${1:-checks}" in
         echo "\$ megatron-qat parity $args"; python -m megatron_qat.parity $args 2>&1 | grep -v "^OK " | tail -4; echo "exit code: ${PIPESTATUS[0]}"; done; } > "$OUT/parity.log" 2>&1
     cat "$OUT/parity.log" ;;
   bench)
-    TAILN=40 step bench python benchmarks/bench_qdq.py --out "$OUT/qdq.md" ;;
+    TAILN=60 step bench python benchmarks/bench_qdq.py --out "$OUT/qdq.md" ${BENCH_ARGS:-} ;;
 esac

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check behind docs/validation.md, on the lent GPU, after shared/device/README.md's setup.
 #   bash tests/gpu/run_device_validation.sh checks   # tests, Megatron validation, parity refusals
-#   bash tests/gpu/run_device_validation.sh bench    # benchmarks/bench_qdq.py
+#   bash tests/gpu/run_device_validation.sh bench    # benchmarks/bench_qdq.py (BENCH_ARGS=--sweep adds tile sizes)
+#   bash tests/gpu/run_device_validation.sh kernel   # Triton GPU tests, then the benchmark (no TE needed)
 # Logs go to $OUT (the device tool's output folder) or /tmp/mqat_out.
 set -u
 OUT="${OUT:-/tmp/mqat_out}"; mkdir -p "$OUT"
-source /opt/mqat/env.sh
+[ -f /opt/mqat/env.sh ] && source /opt/mqat/env.sh  # TE/Megatron/FlashInfer (kernel-only runs need none)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step() { local name=$1; shift; timeout 400 "$@" > "$OUT/$name.log" 2>&1; local rc=$?; echo "== $name rc=$rc"; tail -n "${TAILN:-4}" "$OUT/$name.log"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -20,6 +21,8 @@ case "${1:-checks}" in
     { for args in "--reference flashinfer" "--reference flashinfer --allow-unsupported-gpu" "--device cuda --reference golden"; do
         echo "\$ megatron-qat parity $args"; python -m megatron_qat.parity $args 2>&1 | grep -v "^OK " | tail -4; echo "exit code: ${PIPESTATUS[0]}"; done; } > "$OUT/parity.log" 2>&1
     cat "$OUT/parity.log" ;;
+  kernel)
+    step kernel_tests python -m pytest -q -rs tests/test_triton_kernel.py tests/test_dispatch.py tests/gpu/test_triton_gpu.py ;&
   bench)
     TAILN=60 step bench python benchmarks/bench_qdq.py --out "$OUT/qdq.md" ${BENCH_ARGS:-} ;;
 esac

@@ -28,7 +28,6 @@ RCP_SIX_BITS = tl.constexpr(0x3E2AAAAB)  # RN(1/6) = rcp.approx.ftz(6.0) on sm_9
 INF_BITS = tl.constexpr(0x7F800000)
 SUB_HALF_BITS = tl.constexpr(0x00400000)  # 2**-127 (subnormal), the only reachable-in-principle subnormal value
 SIGN32 = tl.constexpr(-(2**31))
-MAGIC_RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds 0 <= y < 2**22 half-to-even
 # Canonical quiet NaN written for non-finite blocks (see docs/kernel.md, "NaN bits").
 NAN_BF16 = tl.constexpr(0x7FC0)
 NAN_FP16 = tl.constexpr(0x7E00)
@@ -130,18 +129,19 @@ def qdq_tile(
         # Values on the fp32 pipe (Hopper issues fp32 at twice the int32 rate; the integer code path
         # above is only taken when codes are asked for). Every multiply is by an exact power of two.
         #   a = |x| * 2**(127 - byte)          exact; FTZ: a float32-subnormal x gives 0
-        #   E2M1 grid step: 0.5 below 2, 1 below 4, 2 above -> r = RNE(a / step) with the magic
-        #   add 1.5 * 2**23 (exact round-half-even on the integer, |a / step| < 2**22), q = r * step,
-        #   saturated at 6. RNE on the integer r is RNE to the even E2M1 code (even r <-> even code).
-        #   value = q * 2**(byte - 127), exact or +inf past float32's range (bf16 max -> 2**128).
+        #   The E2M1 grid step in a's binade 2**E is 2**(E-1), with E clamped to [0, 2] (step 0.5
+        #   below 2, 1 below 4, 2 above). Adding M = 1.5 * 2**(E+22), whose ulp is that step, rounds
+        #   a half-to-even onto the grid in one IEEE add: r = (a + M) - M. Even multiples of the step
+        #   are the even E2M1 codes, so ties go where cvt.rn.satfinite.e2m1 sends them. Then
+        #   saturate at 6.
+        #   value = r * 2**(byte - 127), exact or +inf past float32's range (bf16 max -> 2**128).
         inv = tl.where((byte > 0) & (byte < 254), (254 - byte) << 23, 0).to(tl.float32, bitcast=True)
         scale = (byte << 23).to(tl.float32, bitcast=True)
         a = mag.to(tl.float32, bitcast=True) * inv[:, None]
         a = tl.where(mag < 0x00800000, 0.0, a)
-        below2 = a < 2.0
-        below4 = a < 4.0
-        r = (a * tl.where(below2, 2.0, tl.where(below4, 1.0, 0.5)) + MAGIC_RNE) - MAGIC_RNE
-        q = tl.minimum(r * tl.where(below2, 0.5, tl.where(below4, 1.0, 2.0)), 6.0)
+        a_exp = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23), 129 << 23)
+        magic = (a_exp + ((22 << 23) | 0x00400000)).to(tl.float32, bitcast=True)
+        q = tl.minimum((a + magic) - magic, 6.0)
         vbits = (q * scale[:, None]).to(tl.int32, bitcast=True) | (bits & SIGN32)
         bad = nonfinite[:, None]
         if KIND == 0:
@@ -180,46 +180,32 @@ def qdq_grouped_kernel(
     out_ptr,
     codes_ptr,
     scales_ptr,
-    n_tensors,
     KIND: tl.constexpr,
     BS: tl.constexpr,
     BS_P2: tl.constexpr,
     NB: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
     IN_ALIGN: tl.constexpr,
     WRITE_VALUES: tl.constexpr,
     WRITE_CODES: tl.constexpr,
 ):
     """Many contiguous tensors of one dtype in one launch.
 
-    ``table_ptr`` (int64) holds three arrays: ``tile_start[n+1]`` (prefix sum of each tensor's
-    program count), ``block_start[n+1]`` (prefix sum of block counts: where a tensor's output,
-    codes and scales start in the flat outputs) and ``in_offset[n]`` (element offset of the
-    tensor's first element from ``base_ptr``, >= 0, a multiple of ``IN_ALIGN``). Program ``pid``
-    finds its tensor by binary search over ``tile_start`` (empty tensors are skipped).
+    ``table_ptr`` (int64) holds three numbers per program: the element offset of its first input
+    element from ``base_ptr`` (>= 0, a multiple of ``IN_ALIGN``), the index of its first block in
+    the flat outputs (values: ``BS`` elements a block, codes ``BS // 2`` bytes, scales 1 byte), and
+    how many of its ``NB`` blocks exist. Three independent loads, no search.
     """
-    pid = tl.program_id(0)
-    lo = pid * 0
-    hi = n_tensors - 1
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        go_right = tl.load(table_ptr + mid) <= pid
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid - 1)
-    t = lo
-    tile0 = tl.load(table_ptr + t)
-    blk_begin = tl.load(table_ptr + (n_tensors + 1) + t)
-    blk_end = tl.load(table_ptr + (n_tensors + 1) + t + 1)
-    in_off = tl.load(table_ptr + 2 * (n_tensors + 1) + t)
-    in_off = tl.multiple_of(in_off, IN_ALIGN)
-    blk0 = (pid - tile0).to(tl.int64) * NB
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 3
+    in_off = tl.multiple_of(tl.load(row), IN_ALIGN)
+    out_blk = tl.load(row + 1)
+    n_valid = tl.load(row + 2)
     qdq_tile(
         base_ptr + in_off,
-        out_ptr + blk_begin * BS,
-        codes_ptr + blk_begin * (BS // 2),
-        scales_ptr + blk_begin,
-        blk0,
-        blk_end - blk_begin,
+        out_ptr + out_blk * BS,
+        codes_ptr + out_blk * (BS // 2),
+        scales_ptr + out_blk,
+        n_valid * 0,  # the program's first block is at offset 0 of the shifted pointers
+        n_valid,
         KIND,
         BS,
         BS_P2,

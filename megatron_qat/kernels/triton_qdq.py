@@ -139,21 +139,25 @@ def _group_table(xs: list[torch.Tensor], block_size: int, nb: int) -> tuple[torc
         return hit
     base_index = min(range(len(xs)), key=lambda i: ptrs[i])
     base = ptrs[base_index]
-    tile_start, block_start, in_off = [0], [0], []
-    for t, p in zip(xs, ptrs):
-        blocks = t.numel() // block_size
-        tile_start.append(tile_start[-1] + triton.cdiv(blocks, nb))
-        block_start.append(block_start[-1] + blocks)
-        in_off.append((p - base) // esize)
+    blocks = torch.tensor([t.numel() // block_size for t in xs], dtype=torch.int64)
+    n_prog = (blocks + nb - 1) // nb
+    owner = torch.repeat_interleave(torch.arange(len(xs)), n_prog)  # tensor of each program
+    first_prog = torch.cumsum(n_prog, 0) - n_prog
+    blk0 = (torch.arange(int(n_prog.sum())) - first_prog[owner]) * nb  # first block within its tensor
+    in_base = torch.tensor([(p - base) // esize for p in ptrs], dtype=torch.int64)
+    out_base = torch.cumsum(blocks, 0) - blocks
+    rows = torch.stack(
+        [in_base[owner] + blk0 * block_size, out_base[owner] + blk0, torch.clamp(blocks[owner] - blk0, max=nb)], dim=1
+    )
     aligned = all(p % 16 == 0 for p in ptrs)
     align = max(1, 16 // esize) if aligned else 1
-    host = torch.tensor(tile_start + block_start + in_off, dtype=torch.int64)
+    host = rows.reshape(-1).contiguous()
     if xs[0].device.type == "cuda":
         host = host.pin_memory()
         table = host.to(xs[0].device, non_blocking=True)  # no host sync
     else:
         table = host
-    value = (table, base_index, align, tile_start[-1])
+    value = (table, base_index, align, rows.shape[0])
     _TABLE_CACHE[key] = value
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -190,9 +194,8 @@ def _run_grouped(xs, block_size, write_values, write_codes, *, elems_per_program
         ov = _bits_view(flat_out) if write_values else base
         with _device_ctx(xs[0]):
             qdq_jit.qdq_grouped_kernel[(n_programs,)](
-                base, table, ov, flat_codes if write_codes else base, flat_scales if write_codes else base, len(xs),
-                KIND=_KIND[dtype], BS=block_size, BS_P2=bs_p2, NB=nb,
-                SEARCH_STEPS=max(1, (len(xs) - 1).bit_length()), IN_ALIGN=align,
+                base, table, ov, flat_codes if write_codes else base, flat_scales if write_codes else base,
+                KIND=_KIND[dtype], BS=block_size, BS_P2=bs_p2, NB=nb, IN_ALIGN=align,
                 WRITE_VALUES=write_values, WRITE_CODES=write_codes, num_warps=num_warps or NUM_WARPS,
             )  # fmt: skip
     return flat_out, flat_codes, flat_scales

@@ -1,7 +1,6 @@
 """megatron-qat parity on small generated checkpoints: HF safetensors (file, directory, index),
 torch .pt (nested, Megatron names), planted mismatches, and every bad-input case."""
 
-import argparse
 import json
 
 import pytest
@@ -109,9 +108,17 @@ def test_torch_pt_nested_megatron_names(tmp_path, capsys):
     assert any("non-tensor" in n for n in doc["notes"])
 
 
+class OpaqueArgs:
+    """A pickled object that no torch.load allowlist knows. (argparse.Namespace would not do:
+    megatron-core allowlists it with torch.serialization.add_safe_globals once imported.)"""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+
 def test_torch_pickle_needs_trust_flag(tmp_path, capsys):
     path = tmp_path / "ckpt.pt"
-    torch.save({"args": argparse.Namespace(lr=1.0), "model": {"x.experts.linear_fc1.weight0": torch.ones(4, 32).bfloat16()}}, path)
+    torch.save({"args": OpaqueArgs(lr=1.0), "model": {"x.experts.linear_fc1.weight0": torch.ones(4, 32).bfloat16()}}, path)
     code, out = _run(["--reference", "golden", str(path)], capsys)
     assert code == 2 and str(path) in out.err and "--trust-pickle" in out.err
     code, out = _run(["--reference", "golden", "--trust-pickle", str(path)], capsys)

@@ -83,7 +83,7 @@ def _stats(ms: list[float]) -> dict:
 
 
 def _check(name, outs, refs) -> str | None:
-    from megatron_qat.kernels.input_families import compare_bits
+    from megatron_qat.mxfp4.families import compare_bits
 
     for i, (o, r) in enumerate(zip(outs, refs)):
         msg = compare_bits(o, r)

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton", reason="the triton extra is not installed (pip install -e '.[triton]')")
 
 from megatron_qat.kernels import triton_qdq  # noqa: E402
-from megatron_qat.kernels.input_families import (  # noqa: E402
+from megatron_qat.mxfp4.families import (  # noqa: E402
     ALL_FAMILIES,
     FINITE_FAMILIES,
     canonical_nan_bits,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..mxfp4.format import CANONICAL_NAN_BITS, INT_VIEW_DTYPES
+from .format import CANONICAL_NAN_BITS, INT_VIEW_DTYPES
 
 BLOCK = 32
 # Tie points of E2M1 round-to-nearest-even, in units of the block scale.

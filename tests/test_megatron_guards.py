@@ -46,19 +46,16 @@ def test_delay_wgrad_from_config_and_te_store(te_ext):
         _forward(layer)
 
 
-def test_megatron_fsdp_params(te_ext):
+@pytest.mark.parametrize(
+    "weight,attribute,message",
+    [("weight1", "__fsdp_param__", "Megatron-FSDP"), ("weight0", "is_distributed_weight", "is_distributed_weight")],
+    ids=["megatron_fsdp_params", "gtp_distributed_weights"],
+)
+def test_refused_weight_kinds(te_ext, weight, attribute, message):
     layer = _layer(te_ext)
-    layer.weight1.__fsdp_param__ = True
+    setattr(getattr(layer, weight), attribute, True)
     mm.enable(32)
-    with pytest.raises(RuntimeError, match="Megatron-FSDP"):
-        _forward(layer)
-
-
-def test_gtp_distributed_weights(te_ext):
-    layer = _layer(te_ext)
-    layer.weight0.is_distributed_weight = True
-    mm.enable(32)
-    with pytest.raises(RuntimeError, match="is_distributed_weight"):
+    with pytest.raises(RuntimeError, match=message):
         _forward(layer)
 
 

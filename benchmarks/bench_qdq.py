@@ -83,7 +83,7 @@ def _stats(ms: list[float]) -> dict:
 
 
 def _check(name, outs, refs) -> str | None:
-    from megatron_qat.mxfp4.families import compare_bits
+    from megatron_qat.numerics.families import compare_bits
 
     for i, (o, r) in enumerate(zip(outs, refs)):
         msg = compare_bits(o, r)
@@ -94,7 +94,7 @@ def _check(name, outs, refs) -> str | None:
 
 def bench_shape(shape, dtype, repeats, use_compile, sweep, compiled_cache) -> list[dict]:
     from megatron_qat.kernels import triton_qdq
-    from megatron_qat.mxfp4.reference import fake_quantize_reference
+    from megatron_qat.numerics.reference import fake_quantize_reference
 
     model, layer, e, n, k = shape
     numel = e * n * k

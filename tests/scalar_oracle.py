@@ -1,6 +1,6 @@
 """A slow, per-element MXFP4 oracle in plain Python floats, for tests only.
 
-Independent of ``megatron_qat.mxfp4.reference`` in method: the scale exponent comes from
+Independent of ``megatron_qat.numerics.reference`` in method: the scale exponent comes from
 ``math.frexp`` (not float bits), elements are scaled in float64 (exact here), and E2M1 rounding is a
 nearest-value search over the 8 magnitudes with an explicit ties-to-even-code rule (not thresholds).
 Only the constant RN(1/6) and the FTZ rule are shared facts of the FlashInfer arithmetic.

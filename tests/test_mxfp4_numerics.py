@@ -14,8 +14,8 @@ import torch
 
 import scalar_oracle
 from megatron_qat import mxfp4
-from megatron_qat.mxfp4 import families
-from megatron_qat.mxfp4.reference import e2m1_round_codes, e8m0_ceil_from_float32
+from megatron_qat.numerics import families
+from megatron_qat.numerics.reference import e2m1_round_codes, e8m0_ceil_from_float32
 
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -241,7 +241,7 @@ def test_non_contiguous_input_blocks_along_logical_last_dim():
 
 
 def test_chunked_rows_match_unchunked(monkeypatch):
-    from megatron_qat.mxfp4 import reference
+    from megatron_qat.numerics import reference
 
     x = torch.randn(37, 96, dtype=torch.bfloat16)
     whole = mxfp4.fake_quantize(x)

@@ -11,14 +11,14 @@ import torch
 pytest.importorskip("triton", reason="the triton extra is not installed (pip install -e '.[triton]')")
 
 from megatron_qat.kernels import triton_qdq  # noqa: E402
-from megatron_qat.mxfp4.families import (  # noqa: E402
+from megatron_qat.numerics.families import (  # noqa: E402
     ALL_FAMILIES,
     FINITE_FAMILIES,
     canonical_nan_bits,
     compare_bits,
     make,
 )
-from megatron_qat.mxfp4.reference import fake_quantize_reference, quantize_reference  # noqa: E402
+from megatron_qat.numerics.reference import fake_quantize_reference, quantize_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

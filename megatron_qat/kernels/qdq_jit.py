@@ -1,6 +1,6 @@
 """Triton device code of the MXFP4 quantize / fake-quantize kernel (host side: ``triton_qdq``).
 
-Every step of the rule (docs/numerics.md, :mod:`megatron_qat.mxfp4.reference`) is done on the
+Every step of the rule (docs/numerics.md, :mod:`megatron_qat.numerics.reference`) is done on the
 float32 BIT PATTERN with integer adds, shifts and compares, so no approximate instruction,
 FMA contraction or flush-to-zero mode can change a result. The one floating-point operation is
 ``p = amax * RN(1/6)``: a single IEEE round-to-nearest float32 multiply (``mul.f32`` on the GPU,

@@ -1,4 +1,4 @@
-"""Fused Triton MXFP4 quantize / fake-quantize, bit-exact with :mod:`megatron_qat.mxfp4.reference`.
+"""Fused Triton MXFP4 quantize / fake-quantize, bit-exact with :mod:`megatron_qat.numerics.reference`.
 
 Entry points (same contracts as :func:`megatron_qat.mxfp4.quantize` / ``fake_quantize`` /
 ``fake_quantize_many``; :mod:`megatron_qat.mxfp4.dispatch` decides when they are used):
@@ -28,8 +28,8 @@ from collections import OrderedDict
 import torch
 import triton
 
-from ..mxfp4.format import check_block_size, check_input
-from ..mxfp4.reference import _raise_if_nonfinite
+from ..numerics.format import check_block_size, check_input
+from ..numerics.reference import _raise_if_nonfinite
 from . import qdq_jit
 
 # Launch heuristic: about this many elements per program (8 KiB of bf16 in flight per program).

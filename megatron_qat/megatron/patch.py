@@ -122,7 +122,7 @@ def enable(block_size: int | None = None, *, _from_autoload: bool = False) -> No
     """
     global _block_size, _grouped_linear_cls
     from ..config import from_env
-    from ..mxfp4.format import check_block_size
+    from ..numerics.format import check_block_size
 
     if block_size is None:
         block_size = from_env().block_size

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import resolve_impl
-from .format import (
+from ..numerics.format import (
     DEFAULT_BLOCK_SIZE,
     E2M1_MAGNITUDES,
     E8M0_BIAS,
@@ -27,7 +27,7 @@ from .format import (
     pack_nibbles,
     unpack_nibbles,
 )
-from .reference import dequantize_reference, fake_quantize_reference, quantize_reference
+from ..numerics.reference import dequantize_reference, fake_quantize_reference, quantize_reference
 from .ste import fake_quantize_ste
 
 __all__ = [

@@ -4,7 +4,7 @@ It imports nothing from ``megatron_qat.mxfp4`` and uses different methods at eve
 that agreement between the two is evidence rather than a tautology:
 
 ==========================  =====================================  ==============================
-step (FlashInfer order)     megatron_qat.mxfp4.reference            this module
+step (FlashInfer order)     megatron_qat.numerics.reference            this module
 ==========================  =====================================  ==============================
 scale p = amax * RN(1/6)    torch float32 multiply                  numpy float32 multiply
 E8M0 byte = ceil(log2 p)    exponent field + (mantissa != 0)        ``np.frexp`` (mantissa == 0.5?)

@@ -13,9 +13,9 @@ triton = pytest.importorskip("triton", reason="the triton extra is not installed
 
 from megatron_qat import mxfp4  # noqa: E402
 from megatron_qat.kernels import triton_qdq  # noqa: E402
-from megatron_qat.mxfp4.families import ALL_FAMILIES, FINITE_FAMILIES, compare_bits, make  # noqa: E402
+from megatron_qat.numerics.families import ALL_FAMILIES, FINITE_FAMILIES, compare_bits, make  # noqa: E402
 from megatron_qat.mxfp4.dispatch import KERNEL_ENV, resolve_impl  # noqa: E402
-from megatron_qat.mxfp4.reference import fake_quantize_reference, quantize_reference  # noqa: E402
+from megatron_qat.numerics.reference import fake_quantize_reference, quantize_reference  # noqa: E402
 
 FULL_SHAPE = (8, 1536, 2048)
 

@@ -2,7 +2,7 @@
 
 Framework-light constants and bit helpers shared by the reference quantizer, the kernels'
 tests and the exporters. Nothing here decides *how* a value is rounded; that is
-:mod:`megatron_qat.mxfp4.reference`.
+:mod:`megatron_qat.numerics.reference`.
 
 E2M1 code (4 bits): bit 3 is the sign, bits 2..0 select a magnitude from
 ``E2M1_MAGNITUDES`` = [0, 0.5, 1, 1.5, 2, 3, 4, 6]. Code 0x8 is -0.0.

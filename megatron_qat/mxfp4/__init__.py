@@ -40,6 +40,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_ste",
     "fake_quantize_many",
+    "GroupedFakeQuantizer",
     "e2m1_lut",
     "e8m0_to_float32",
     "pack_nibbles",
@@ -105,3 +106,18 @@ def fake_quantize_many(xs, block_size: int = 32, *, impl: str | None = None) -> 
 
         return triton_qdq.fake_quantize_many(xs, block_size)
     return [fake_quantize_reference(x, block_size) for x in xs]
+
+
+class GroupedFakeQuantizer:
+    """Fake-quantize one fixed set of tensors (the expert weights of one TEGroupedLinear) again and
+    again: ``GroupedFakeQuantizer(block_size)(weights) -> list`` equals
+    ``fake_quantize_many(weights, block_size)``. One instance per module: whatever per-launch state
+    the kernel needs (the grouped pointer table) lives here, with the module, not in a global cache.
+    """
+
+    def __init__(self, block_size: int = 32, *, impl: str | None = None):
+        self.block_size = block_size
+        self.impl = impl
+
+    def __call__(self, xs) -> list[torch.Tensor]:
+        return fake_quantize_many(xs, self.block_size, impl=self.impl)

@@ -1,0 +1,75 @@
+"""Quantize the expert weights of one module with the training numerics.
+
+The training forward fake-quantizes each expert weight ``W [out, in]`` of a TEGroupedLinear with
+:func:`megatron_qat.mxfp4.fake_quantize` (blocks of 32 along ``in``). Shipping the bits means
+encoding the same BF16 master weights with :func:`megatron_qat.mxfp4.quantize`: for finite input,
+``dequantize(*quantize(W)) == fake_quantize(W)`` bit for bit (docs/numerics.md), so the decoded
+export equals the weight the forward used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import mxfp4
+from ..numerics.format import DEFAULT_BLOCK_SIZE
+
+
+class ExportError(ValueError):
+    """A weight or model the exporter refuses; the message is one line naming the tensor."""
+
+
+def check_in_features(name: str, in_features: int, block_size: int = DEFAULT_BLOCK_SIZE, *, shard: bool = False) -> None:
+    """Refuse ``in_features % block_size != 0`` (MXFP4 blocks run along in_features).
+
+    ``shard=True`` words the error for a row-parallel shard (fc2 under expert-TP: the local K is
+    ``moe_ffn_hidden_size / ETP`` and every shard must hold whole blocks for quantize-then-gather
+    to equal gather-then-quantize)."""
+    if in_features % block_size:
+        what = "local in_features (K_shard = moe_ffn_hidden_size / expert-TP)" if shard else "in_features"
+        raise ExportError(
+            f"{name}: {what} = {in_features} is not a multiple of the MXFP4 block size {block_size}; "
+            "MXFP4 export needs whole 32-element blocks along in_features"
+        )
+
+
+def quantize_experts(
+    weights: list[torch.Tensor], names: list[str], block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4-encode N expert weights ``[out, in]`` (one dtype, one device, one shape).
+
+    Returns ``codes`` uint8 ``[N, out, in/2]`` (low nibble = even element) and ``scales`` uint8
+    ``[N, out, in/block_size]`` (E8M0). ``names[i]`` names ``weights[i]`` in errors: a
+    non-finite weight is refused (ExportError naming the tensor and row), never encoded.
+    """
+    if not weights:
+        raise ExportError("quantize_experts: no weights given")
+    shape = tuple(weights[0].shape)
+    for w, name in zip(weights, names):
+        if w.dim() != 2 or tuple(w.shape) != shape:
+            raise ExportError(f"{name}: expected a 2-D weight of shape {shape}, got {tuple(w.shape)}")
+        check_in_features(name, w.shape[-1], block_size)
+        raise_if_nonfinite(w, name)
+    stacked = torch.stack([w.detach() for w in weights])
+    codes, scales = _quantize(stacked, block_size, impl)
+    return codes, scales
+
+
+def _quantize(x: torch.Tensor, block_size: int, impl: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The single call into the op layer (one launch for all experts of a module)."""
+    return mxfp4.quantize(x, block_size, impl=impl)
+
+
+def raise_if_nonfinite(w: torch.Tensor, name: str, *, lead: str = "row") -> None:
+    """ExportError naming ``name`` and the first row holding NaN/inf.
+
+    ``w`` is ``[..., out, in]`` (in_features last); the row is reported as the index of every dim
+    but the last, e.g. ``row 3`` for 2-D, ``[expert 1, row 3]`` for 3-D."""
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()[:-1]
+        where = f"row {first[-1]}" if len(first) == 1 else f"[expert {first[0]}, row {first[-1]}]"
+        count = int(bad.reshape(-1, w.shape[-1]).any(dim=1).sum())
+        raise ExportError(
+            f"{name}: non-finite weight (NaN or inf) at {where} ({count} row(s) affected); refusing to export it"
+        )

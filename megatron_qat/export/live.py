@@ -114,9 +114,9 @@ def raw_biases(linear: torch.nn.Module, n: int) -> torch.Tensor | None:
 def _groups_for(experts: torch.nn.Module, groups: ExpertGroups | None) -> ExpertGroups:
     if groups is not None:
         return groups
-    ep, etp = getattr(experts, "ep_group", None), getattr(experts, "tp_group", None)
-    if ep is not None and etp is not None:  # the groups the module was built with (pg_collection)
-        return ExpertGroups(etp=etp, ep=ep)
+    if hasattr(experts, "ep_group") and hasattr(experts, "tp_group"):
+        # the groups the TEGroupedMLP was built with (pg_collection.ep / .expt_tp; None = size 1)
+        return ExpertGroups(etp=experts.tp_group, ep=experts.ep_group)
     return groups_from_parallel_state()
 
 
@@ -184,7 +184,8 @@ def export_mxfp4(
         family: checkpoint family naming the compressed-tensors tensors (``qwen3_moe``,
             ``deepseek_v3``, ...; see :data:`megatron_qat.layouts.FAMILIES`).
         groups: expert-TP / EP groups; default: the groups each experts module was built with
-            (``ep_group`` / ``tp_group`` of megatron's TEGroupedMLP), else ``parallel_state``.
+            (``ep_group`` / ``tp_group`` of megatron's TEGroupedMLP, i.e. its ``pg_collection``),
+            else megatron's ``parallel_state``.
         dst: ``None``: every rank of the expert grid receives every tensor (all_gather); a global
             rank of the grid: only it receives (gather), the others yield nothing.
         block_size: MXFP4 block (32 = what the engines load).

@@ -1,0 +1,46 @@
+"""The baseline the export replaces: gather BF16 shards, then quantize (gather-then-quantize).
+
+Same walk, groups, merges and output as :func:`megatron_qat.export.export_mxfp4`, but the BF16
+master weights travel (16 bits per element instead of 4 + 8/32) and the full layer is quantized
+on the receiving ranks. Used by the bit-identity test (both paths must give the same bytes) and by
+benchmarks/bench_export.py; not meant for production syncs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .codec import quantize_experts
+from .formats import LayerBytes, check_format, emit_layer
+from .gather import ExpertGroups, gather_experts, locate
+from .live import _groups_for, find_expert_modules, raw_biases, raw_weights
+
+
+def gather_then_quantize(
+    model, fmt: str = "raw", *, family: str | None = None, groups: ExpertGroups | None = None,
+    dst: int | None = None, block_size: int = 32, impl: str | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Gather-then-quantize twin of :func:`~megatron_qat.export.export_mxfp4` (same arguments)."""
+    check_format(fmt, family)
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    for item in find_expert_modules(chunks):
+        g = _groups_for(item.module, groups)
+        where = locate(dst, g)
+        glu = bool(item.module.config.gated_linear_unit)
+        out = {}
+        for role, kind in (("fc1", "column"), ("fc2", "row")):
+            linear = getattr(item.module, f"linear_{role}")
+            weights = raw_weights(linear)
+            full = gather_experts(torch.stack(weights), kind, g, where, glu=glu and role == "fc1")
+            bias = raw_biases(linear, len(weights))
+            bias_kind = "column" if role == "fc1" else "replicated"
+            out[f"{role}_bias"] = None if bias is None else gather_experts(bias, bias_kind, g, where, glu=glu and role == "fc1")
+            if full is None:
+                out[f"{role}_codes"] = out[f"{role}_scales"] = None
+                continue
+            names = [f"{item.name}.linear_{role}.weight{e}" for e in range(full.shape[0])]
+            out[f"{role}_codes"], out[f"{role}_scales"] = quantize_experts(list(full.unbind(0)), names, block_size, impl=impl)
+        if out["fc1_codes"] is not None:
+            yield from emit_layer(LayerBytes(item.layer, glu, **out), fmt, family)

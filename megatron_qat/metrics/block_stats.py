@@ -1,0 +1,187 @@
+"""The statistics pass: per-module MXFP4 statistics of a list of master weights, on device, no sync.
+
+Run on logging steps only, as a separate pass over the master weights (the bit-exact QDQ kernel
+is not touched, and other steps pay nothing). It follows the one rule of
+:mod:`megatron_qat.numerics.reference` step by step, built from that module's public pieces:
+
+a-c. ``byte = e8m0_ceil_from_float32(amax * RCP_SIX)`` (per 1 x ``block_size`` block along K);
+d.   ``v = x * 2**(127 - byte)`` with FTZ on ``x`` and ``v = 0`` for byte 0 (:func:`scaled_values`),
+     ``code = e2m1_round_codes(v)``; the fake value is ``(E2M1(code) * 2**(byte-127)).to(x.dtype)``.
+
+``tests/test_metrics_values.py`` pins ``codes``/``byte``/fake values of this pass to
+``quantize_reference`` / ``fake_quantize_reference`` bit for bit on every adversarial family, so the
+statistics cannot drift from the numerics they describe.
+
+Per module, accumulated over all experts (:class:`LocalStats`, device tensors):
+
+- float64 ``sq_err = sum (fake - x)**2`` and ``sq_master = sum x**2`` over finite blocks;
+- int64 counts: finite blocks and their elements, flushed blocks (finite, scale byte 0), flushed blocks that were not
+  all zero, elements at the E2M1 maximum (magnitude code 7, i.e. +-6 * scale), elements that were
+  exact ties (``|v|`` on an RNE decision point: the midpoints of adjacent E2M1 magnitudes), and
+  non-finite blocks (a NaN or +-inf in the block);
+- int64 ``[256]`` histogram of the scale bytes of finite blocks;
+- int64 ``[n_experts]`` non-finite blocks per expert (for the first-occurrence warning).
+
+Memory: one expert at a time, in row chunks of at most ``_CHUNK_ELEMENTS`` elements (float64
+temporaries of 16 MiB each). No ``.item()``, boolean indexing, ``nonzero`` or ``bincount``: nothing
+here waits for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..numerics.format import E2M1_MAGNITUDES, FLT_MIN_NORMAL, RCP_SIX, e2m1_lut, e8m0_to_float32
+from ..numerics.reference import e2m1_round_codes, e8m0_ceil_from_float32
+
+_CHUNK_ELEMENTS = 1 << 21
+
+# E2M1 round-to-nearest decision points on |v|: the midpoints of adjacent magnitudes
+# (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0). An element whose scaled value sits exactly on one is a tie.
+TIE_POINTS = tuple((a + b) / 2 for a, b in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:]))
+MAX_MAGNITUDE_CODE = E2M1_MAGNITUDES.index(max(E2M1_MAGNITUDES))  # 7 (+-6)
+
+# Order of the int64 counters in LocalStats.counts.
+COUNT_FIELDS = (
+    "finite_blocks",
+    "finite_elements",
+    "flushed_blocks",
+    "flushed_nonzero_blocks",
+    "at_max",
+    "ties",
+    "nonfinite_blocks",
+)
+SCALE_BINS = 256
+
+
+@dataclass
+class LocalStats:
+    """One module's (or one rank's share of one module's) statistics, still on the device."""
+
+    sums: torch.Tensor  # float64 [2]: sq_err, sq_master
+    counts: torch.Tensor  # int64 [len(COUNT_FIELDS)]
+    scale_hist: torch.Tensor  # int64 [256]
+    nonfinite_per_expert: torch.Tensor  # int64 [n_experts]
+    block_size: int
+    expert_ids: tuple[int, ...]  # global expert id of each entry of nonfinite_per_expert
+
+    def merged(self, other: "LocalStats") -> "LocalStats":
+        """Both modules' statistics added (same label observed twice, e.g. two model chunks)."""
+        if other.block_size != self.block_size:
+            raise ValueError(f"cannot merge statistics of block size {self.block_size} and {other.block_size}")
+        return LocalStats(
+            self.sums + other.sums.to(self.sums.device),
+            self.counts + other.counts.to(self.counts.device),
+            self.scale_hist + other.scale_hist.to(self.scale_hist.device),
+            torch.cat([self.nonfinite_per_expert, other.nonfinite_per_expert.to(self.sums.device)]),
+            self.block_size,
+            self.expert_ids + other.expert_ids,
+        )
+
+
+def scaled_values(blocks: torch.Tensor, byte: torch.Tensor) -> torch.Tensor:
+    """Step d's scaled value ``v`` (float32 ``[R, nb, bs]``) for int32 bytes ``[R, nb]``.
+
+    ``x * 2**(127 - byte)`` equals ``x / 2**(byte - 127)`` exactly (both are the correctly rounded
+    value of the same real number); byte 0 multiplies by 0 and a subnormal ``x`` is flushed to a
+    signed zero, as in ``megatron_qat.numerics.reference``."""
+    scale = e8m0_to_float32(byte).unsqueeze(-1)
+    keep = (byte > 0).unsqueeze(-1) & (blocks.abs() >= FLT_MIN_NORMAL)
+    return torch.where(keep, blocks / scale, blocks * 0.0)
+
+
+def quantize_for_stats(rows: torch.Tensor, block_size: int):
+    """``[R, K]`` float16/bfloat16/float32 -> (codes uint8 ``[R, nb, bs]``, bytes int32 ``[R, nb]``,
+    finite bool ``[R, nb]``, v float32 ``[R, nb, bs]``, fake ``rows.dtype`` ``[R, nb, bs]``).
+    Codes, v and fake values of non-finite blocks are those of an all-zero block (ignored)."""
+    r, k = rows.shape
+    blocks = rows.float().reshape(r, k // block_size, block_size)
+    amax = blocks.abs().amax(dim=-1)
+    finite = torch.isfinite(amax)
+    byte = e8m0_ceil_from_float32(amax * RCP_SIX)
+    v = scaled_values(blocks, byte)
+    v = torch.where(finite.unsqueeze(-1), v, torch.zeros_like(v))
+    codes = e2m1_round_codes(v)
+    lut = e2m1_lut(rows.device)
+    fake = (lut[codes.long()] * e8m0_to_float32(byte).unsqueeze(-1)).to(rows.dtype)
+    return codes, byte, finite, v, fake
+
+
+def _chunk_stats(rows: torch.Tensor, block_size: int):
+    codes, byte, finite, v, fake = quantize_for_stats(rows, block_size)
+    x = rows.reshape(fake.shape)
+    fm = finite.unsqueeze(-1)
+    err = torch.where(fm, fake.double() - x.double(), 0.0)
+    master = torch.where(fm, x.double(), 0.0)
+    sums = torch.stack([err.square().sum(), master.square().sum()])
+    a = v.abs()
+    tie = torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+    for t in TIE_POINTS:
+        tie |= a == t
+    flushed = finite & (byte == 0)
+    nonzero = x.abs().amax(dim=-1) > 0
+    nonfinite = (~finite).sum()
+    counts = torch.stack(
+        [
+            finite.sum(),
+            finite.sum() * block_size,
+            flushed.sum(),
+            (flushed & nonzero).sum(),
+            (((codes & 0x7) == MAX_MAGNITUDE_CODE) & fm).sum(),
+            (tie & fm).sum(),
+            nonfinite,
+        ]
+    )
+    bins = torch.where(finite, byte, SCALE_BINS).long().flatten()  # bin 256 collects non-finite blocks
+    hist = torch.zeros(SCALE_BINS + 1, dtype=torch.int64, device=rows.device)
+    hist.scatter_add_(0, bins, torch.ones_like(bins))
+    return sums, counts, hist[:SCALE_BINS], nonfinite
+
+
+def split_experts(weights) -> list[torch.Tensor]:
+    """Each expert's weight ``[out, in]``: a list of per-expert tensors, or one grouped ``[N, out, in]``."""
+    out = []
+    for w in weights:
+        if w.dim() == 3:
+            out.extend(w.unbind(0))
+        else:
+            out.append(w)
+    return out
+
+
+def measure(weights, block_size: int, expert_ids=None) -> LocalStats:
+    """Statistics of the master ``weights`` (each ``[out, in]``, or one ``[N, out, in]``; K along the
+    last dim, ``K % block_size == 0``; float16/bfloat16/float32; all on one device).
+
+    ``expert_ids``: the global expert id of each expert (default ``0..n-1``). Runs under
+    ``torch.no_grad()``; returns device tensors without synchronising."""
+    experts = split_experts(list(weights))
+    if not experts:
+        raise ValueError("megatron_qat.metrics: no weights to measure")
+    device = experts[0].device
+    ids = tuple(range(len(experts))) if expert_ids is None else tuple(int(i) for i in expert_ids)
+    if len(ids) != len(experts):
+        raise ValueError(f"megatron_qat.metrics: {len(experts)} expert weights but {len(ids)} expert ids")
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    counts = torch.zeros(len(COUNT_FIELDS), dtype=torch.int64, device=device)
+    hist = torch.zeros(SCALE_BINS, dtype=torch.int64, device=device)
+    per_expert = torch.zeros(len(experts), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for i, w in enumerate(experts):
+            k = w.shape[-1]
+            if k % block_size:
+                raise ValueError(
+                    f"megatron_qat.metrics: expert weight {i} has shape {tuple(w.shape)}; K={k} is not a "
+                    f"multiple of the block size {block_size}"
+                )
+            rows = w.detach().reshape(-1, k)
+            step = max(1, _CHUNK_ELEMENTS // max(k, 1))
+            for start in range(0, rows.shape[0], step):
+                s, c, h, nf = _chunk_stats(rows[start : start + step], block_size)
+                sums += s
+                counts += c
+                hist += h
+                per_expert[i] += nf
+    return LocalStats(sums, counts, hist, per_expert, block_size, ids)

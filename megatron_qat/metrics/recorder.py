@@ -1,0 +1,161 @@
+"""The step clock and the per-step state behind :mod:`megatron_qat.metrics`.
+
+A *step* is one training iteration. It ends when an optimizer steps: torch's global optimizer
+step post-hook, counting ONE optimizer (the first one seen stepping, weakly referenced; when it is
+gone the next one to step takes its place), so that Megatron's ``ChainedOptimizer`` (dense + expert
+optimizers) ends one step, not two. ``step`` is the 0-based number of the iteration in progress:
+
+- it starts at Megatron's ``args.iteration`` (the resumed iteration) when Megatron args are set, else 0;
+- at each step end it becomes ``max(step + 1, args.curr_iteration + 1)``, so iterations Megatron
+  counts without an optimizer step (skipped on fp16 overflow, ``--iterations-to-skip``) keep the
+  two clocks aligned;
+- :func:`megatron_qat.metrics.step_end` ends a step by hand (an RL worker with no optimizer) and
+  :func:`megatron_qat.metrics.set_step` sets the number.
+
+A step is a logging step when ``interval > 0 and (step + 1) % interval == 0``: the same iterations at
+which Megatron's ``training_log`` writes (``iteration % log_interval == 0`` after the increment).
+The answer is computed once per step, so :func:`due` is one attribute read.
+
+Within a logging step each module is measured once (its first forward: micro-batches, activation
+recompute and no-grad log-prob passes see the same master weights). At the step's end the pending
+statistics are reduced (:mod:`.reduction`) and published (:mod:`.sinks`, subscribers, snapshot).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+
+from . import megatron_env, sinks
+from .block_stats import LocalStats, measure, split_experts
+from .labels import Labeller, expert_ids
+from .reduction import reduce, reduction_group, scalars
+
+
+class Recorder:
+    def __init__(self):
+        self.started = False
+        self.interval = 0
+        self.step = 0
+        self.is_due = False
+        self.pending: dict[str, LocalStats] = {}
+        self._observed: set[int] = set()
+        self._labeller = Labeller()
+        self._subscribers: dict[int, Callable] = {}
+        self._next_subscriber = 0
+        self.last: dict[str, float] = {}
+        self.last_step: int | None = None
+        self._warned: set[tuple[str, int]] = set()
+        self._hook = None
+        self._clock_optimizer = None
+
+    # -- clock ---------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Validate the environment now and hook optimizer steps (unless the env var says 0)."""
+        if megatron_env.interval_from_env() != 0:
+            self._install_hook()
+
+    def start(self) -> None:
+        """Resolve the interval and the first step number (first forward or first optimizer step)."""
+        if self.started:
+            return
+        self.interval = megatron_env.resolve_interval()
+        resumed = megatron_env.megatron_iteration("iteration")
+        self.step = resumed if resumed is not None else 0
+        self.started = True
+        if self.interval > 0:
+            self._install_hook()
+        self._update_due()
+
+    def _install_hook(self) -> None:
+        if self._hook is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            self._hook = register_optimizer_step_post_hook(self._on_optimizer_step)
+
+    def uninstall(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _update_due(self) -> None:
+        self.is_due = self.interval > 0 and (self.step + 1) % self.interval == 0
+
+    def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
+        clock = self._clock_optimizer() if self._clock_optimizer is not None else None
+        if clock is None:
+            self._clock_optimizer = weakref.ref(optimizer)
+        elif clock is not optimizer:
+            return
+        self.step_end()
+
+    def step_end(self) -> None:
+        """End the step in progress: publish it if it is a logging step, then advance the clock."""
+        self.start()
+        if self.is_due:
+            self.flush()
+        following = self.step + 1
+        current = megatron_env.megatron_iteration("curr_iteration")
+        if current is not None:
+            following = max(following, current + 1)
+        self.set_step(following)
+
+    def set_step(self, step: int) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"megatron_qat.metrics.set_step: step must be a non-negative int, got {step!r}")
+        self.start()
+        self.step = step
+        self._observed.clear()
+        self._update_due()
+
+    # -- measuring -----------------------------------------------------------------------------
+    def observe(self, module, master_weights, block_size: int, label: str | None = None) -> None:
+        if not self.is_due or id(module) in self._observed:
+            return
+        self._observed.add(id(module))
+        name = self._labeller.label_of(module, label)
+        weights = list(master_weights)
+        ids = expert_ids(module, len(split_experts(weights)))
+        stats = measure(weights, block_size, ids)
+        previous = self.pending.get(name)
+        self.pending[name] = stats if previous is None else previous.merged(stats)
+
+    # -- publishing ----------------------------------------------------------------------------
+    def flush(self) -> dict[str, float]:
+        """Reduce and publish the pending statistics (a collective over the reduction group)."""
+        pending, self.pending = self.pending, {}
+        raw = reduce(pending, reduction_group())
+        step = self.step + 1
+        self._warn_nonfinite(pending, raw, step)
+        if not raw:
+            return {}
+        values = {sinks.tag(label, metric): value for label, r in raw.items() for metric, value in scalars(r).items()}
+        self.last, self.last_step = values, step
+        sinks.write_to_megatron(values, step)
+        sinks.log_summary(raw, values, step)
+        for fn in list(self._subscribers.values()):
+            fn(dict(values), step)
+        return values
+
+    def _warn_nonfinite(self, pending: dict[str, LocalStats], raw: dict, step: int) -> None:
+        for label, stats in pending.items():
+            if raw.get(label, {}).get("nonfinite_blocks", 0) == 0:
+                continue  # healthy everywhere: no extra host copy
+            for expert, blocks in zip(stats.expert_ids, stats.nonfinite_per_expert.tolist()):
+                if blocks and (label, expert) not in self._warned:
+                    self._warned.add((label, expert))
+                    sinks.warn_nonfinite(label, expert, blocks, stats.block_size, step)
+
+    def subscribe(self, fn: Callable) -> Callable[[], None]:
+        if not callable(fn):
+            raise TypeError(f"megatron_qat.metrics.subscribe: expected a callable fn(values, step), got {fn!r}")
+        key = self._next_subscriber
+        self._next_subscriber += 1
+        self._subscribers[key] = fn
+
+        def unsubscribe() -> None:
+            self._subscribers.pop(key, None)
+
+        return unsubscribe

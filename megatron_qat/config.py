@@ -1,10 +1,18 @@
 """The environment-variable contract (read by launch scripts, torchrun workers, Ray actors).
 
-| variable | values | default |
+| variable | accepted values | unset or empty |
 |---|---|---|
-| ``OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG`` | ``"1"`` on; ``"0"``, empty or unset off | off |
-| ``OPEN_TRAINING_MXFP4_BLOCK_SIZE`` | positive even integer (32 = FlashInfer; others ablation) | 32 |
-| ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG`` | ``"1"`` together with the MXFP4 flag is an error | - |
+| ``OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG`` | ``1`` on, ``0`` off | off |
+| ``OPEN_TRAINING_MXFP4_BLOCK_SIZE`` | a positive even integer (32 = FlashInfer; others are ablations) | 32 |
+| ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG`` | ``1`` on, ``0`` off; on together with the MXFP4 flag is an error | off |
+| ``MEGATRON_QAT_AUTOLOAD`` | ``1`` patch at import, ``0`` do not (call ``enable_from_env()`` yourself) | ``1`` |
+| ``MEGATRON_QAT_KERNEL`` | ``reference``, ``triton`` (forces the numerics implementation) | auto |
+
+One rule for every variable (:func:`read`): the value is stripped of surrounding whitespace; an
+unset or empty variable takes its default; anything else must be exactly one of the accepted values
+(case-sensitive), or a :class:`ValueError` names the variable, the value and the accepted values.
+With the MXFP4 flag on, an unknown ``MEGATRON_QAT_*`` or ``OPEN_TRAINING_MXFP4_*`` variable (a typo
+that would otherwise be silently ignored) is an error too.
 
 This module imports nothing heavy (no torch): it is safe at interpreter start.
 """
@@ -19,39 +27,85 @@ from typing import Mapping
 MXFP4_FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
 MXFP4_BLOCK_SIZE = "OPEN_TRAINING_MXFP4_BLOCK_SIZE"
 INT4_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
+AUTOLOAD = "MEGATRON_QAT_AUTOLOAD"
+KERNEL = "MEGATRON_QAT_KERNEL"
 DEFAULT_BLOCK_SIZE = 32
+
+_ON_OFF = {"1": True, "0": False}
+KERNEL_CHOICES = {"reference": "reference", "triton": "triton"}
+
+# variable -> (accepted values, as written in an error, what unset/empty means)
+VARIABLES = {
+    MXFP4_FLAG: ('"1" (on), "0" (off)', "off"),
+    MXFP4_BLOCK_SIZE: ("a positive even integer (32 = FlashInfer; other values are ablations)", "32"),
+    INT4_FLAG: ('"1" (on), "0" (off)', "off"),
+    AUTOLOAD: ('"1" (patch Megatron at import), "0" (do not)', "1"),
+    KERNEL: ('"reference", "triton"', "auto: the Triton kernel on CUDA, the PyTorch reference elsewhere"),
+}
+_OWN_PREFIXES = ("MEGATRON_QAT_", "OPEN_TRAINING_MXFP4_")
 
 _log = logging.getLogger("megatron_qat")
 _warned_block_sizes: set[int] = set()
 
 
+def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def reject(name: str, raw: str) -> ValueError:
+    """The one error for a variable holding a value outside its accepted set."""
+    accepted, default = VARIABLES[name]
+    return ValueError(f"{name}={raw!r}: accepted values are {accepted}; unset or empty means {default}")
+
+
+def read(name: str, accepted: Mapping[str, object], default, environ: Mapping[str, str] | None = None):
+    """The strict rule: ``default`` when ``name`` is unset or blank, else ``accepted[value.strip()]``.
+
+    Raises:
+        ValueError: the stripped value is not a key of ``accepted`` (the message lists them).
+    """
+    raw = _environ(environ).get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip()
+    if value not in accepted:
+        raise reject(name, raw)
+    return accepted[value]
+
+
+def flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """A ``"1"``/``"0"`` switch read by :func:`read` (unset/empty: off; ``AUTOLOAD``: on)."""
+    return read(name, _ON_OFF, name == AUTOLOAD, environ)
+
+
+def kernel_choice(environ: Mapping[str, str] | None = None) -> str | None:
+    """``MEGATRON_QAT_KERNEL`` read by :func:`read`: ``"reference"``, ``"triton"`` or ``None`` (auto)."""
+    return read(KERNEL, KERNEL_CHOICES, None, environ)
+
+
+def flag_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the MXFP4 flag is anything but unset/empty/``"0"`` -- the autoload ``.pth``'s condition.
+    A malformed value (``yes``) counts as requested, so that it ends in :func:`read`'s error."""
+    return _environ(environ).get(MXFP4_FLAG, "").strip() not in ("", "0")
+
+
 @dataclass(frozen=True)
 class FakeQATConfig:
-    """What the environment asks for: ``enabled`` and the MXFP4 ``block_size``."""
+    """What the environment asks for: ``enabled``, the MXFP4 ``block_size`` and ``autoload``."""
 
     enabled: bool
     block_size: int = DEFAULT_BLOCK_SIZE
+    autoload: bool = True
 
 
-def _parse_flag(environ: Mapping[str, str], name: str) -> bool:
-    raw = environ.get(name)
-    if raw is None or raw.strip() in ("", "0"):
-        return False
-    if raw.strip() == "1":
-        return True
-    raise ValueError(f'{name}={raw!r}: accepted values are "1" (on), "0" or empty/unset (off)')
-
-
-def _parse_block_size(environ: Mapping[str, str], warn: bool) -> int:
+def _block_size(environ: Mapping[str, str], warn: bool) -> int:
     raw = environ.get(MXFP4_BLOCK_SIZE)
     if raw is None or raw.strip() == "":
         return DEFAULT_BLOCK_SIZE
-    try:
-        value = int(raw.strip(), 10)
-    except ValueError:
-        value = -1
+    text = raw.strip()
+    value = int(text) if text.isdigit() and text.isascii() else -1
     if value <= 0 or value % 2:
-        raise ValueError(f"{MXFP4_BLOCK_SIZE}={raw!r}: must be a positive even integer (default 32)")
+        raise reject(MXFP4_BLOCK_SIZE, raw)
     if warn and value != DEFAULT_BLOCK_SIZE and value not in _warned_block_sizes:
         _warned_block_sizes.add(value)
         _log.warning(
@@ -64,21 +118,34 @@ def _parse_block_size(environ: Mapping[str, str], warn: bool) -> int:
     return value
 
 
+def _check_unknown(environ: Mapping[str, str]) -> None:
+    unknown = sorted(n for n in environ if n.startswith(_OWN_PREFIXES) and n not in VARIABLES)
+    if unknown:
+        known = ", ".join(n for n in VARIABLES if n.startswith(_OWN_PREFIXES))
+        raise ValueError(f"unknown megatron-qat variable(s) {', '.join(unknown)}: accepted names are {known}")
+
+
 def from_env(environ: Mapping[str, str] | None = None) -> FakeQATConfig:
     """Read the fake-QAT settings from ``environ`` (``None`` means ``os.environ``).
 
+    Every variable of the table is checked by :func:`read`'s rule, whether or not the flag is on.
+
     Raises:
-        ValueError: a variable holds a value outside its accepted set (the message names it).
+        ValueError: a variable holds a value outside its accepted set, or (flag on) an unknown
+            ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name is set.
         RuntimeError: both ``OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG`` and
             ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG`` are "1" (the two fake-QAT modes are exclusive).
     """
-    env = os.environ if environ is None else environ
-    enabled = _parse_flag(env, MXFP4_FLAG)
-    int4 = env.get(INT4_FLAG, "").strip() == "1"
+    env = _environ(environ)
+    enabled = flag(MXFP4_FLAG, env)
+    int4 = flag(INT4_FLAG, env)
+    autoload = flag(AUTOLOAD, env)
+    kernel_choice(env)
+    if enabled:
+        _check_unknown(env)
     if enabled and int4:
         raise RuntimeError(
             f"{MXFP4_FLAG}=1 and {INT4_FLAG}=1 are both set: MXFP4 and INT4 fake-QAT are mutually "
             "exclusive; unset one of them"
         )
-    block_size = _parse_block_size(env, warn=enabled)
-    return FakeQATConfig(enabled=enabled, block_size=block_size)
+    return FakeQATConfig(enabled=enabled, block_size=_block_size(env, warn=enabled), autoload=autoload)

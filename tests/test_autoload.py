@@ -73,8 +73,11 @@ import megatron.core.transformer.moe.moe_layer as ml
 import megatron.core.extensions.transformer_engine as te
 print("at_start", at_start)
 print("half_way", ml.HALF_WAY_ENABLED)
-print("hook", hasattr(te.TEGroupedLinear.__dict__.get("_get_weight_tensors"), "__megatron_qat_patch__"))
-print("init", hasattr(ml.MoELayer.__dict__["__init__"], "__megatron_qat_patch__"))
+from megatron_qat.megatron import patch
+hook = patch.installed_function(patch.HOOK)
+print("hook", hook is not None and te.TEGroupedLinear.__dict__.get("_get_weight_tensors") is hook)
+init = patch.installed_function(patch.MOE_INIT)
+print("init", init is not None and ml.MoELayer.__dict__["__init__"] is init)
 """
 
 
@@ -112,7 +115,9 @@ def test_bad_flag_value_fails_the_import(mini_megatron):
 
 
 def test_flag_on_without_transformer_engine_fails_loudly_on_real_megatron():
+    """Not an ImportError (Megatron's ``except ImportError`` would swallow it); see also
+    tests/test_autoload_fail_closed.py for every megatron-core release."""
     pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
     r = _run("import megatron.core.extensions.transformer_engine", {FLAG: "1"})
     assert r.returncode != 0
-    assert "ImportError: megatron_qat fake-QAT" in r.stderr and "transformer-engine" in r.stderr
+    assert "FakeQATUnavailableError: megatron_qat fake-QAT" in r.stderr and "transformer-engine" in r.stderr

@@ -15,7 +15,7 @@ from te_standin import StandInGroupedLinear  # noqa: E402
 import megatron_qat  # noqa: E402
 import megatron_qat.megatron as mm  # noqa: E402
 from megatron_qat import mxfp4  # noqa: E402
-from megatron_qat.megatron.hook import SENTINEL  # noqa: E402
+from megatron_qat.megatron import FakeQATUnavailableError, patch  # noqa: E402
 
 
 def _moe_layer_cls():
@@ -33,8 +33,9 @@ def test_enable_wraps_and_disable_restores_exactly(te_ext):
     megatron_qat.enable()
     assert megatron_qat.is_enabled()
     wrapped = cls.__dict__["_get_weight_tensors"]
-    assert getattr(wrapped, SENTINEL) and wrapped.__wrapped__ is inherited
-    assert getattr(moe.__dict__["__init__"], SENTINEL) and moe.__dict__["__init__"].__wrapped__ is init_before
+    assert wrapped is patch.installed_function(patch.HOOK) and wrapped.__wrapped__ is inherited
+    init = moe.__dict__["__init__"]
+    assert init is patch.installed_function(patch.MOE_INIT) and init.__wrapped__ is init_before
     megatron_qat.disable()
     assert not megatron_qat.is_enabled()
     assert "_get_weight_tensors" not in cls.__dict__  # ours deleted, not replaced by the inherited one
@@ -84,20 +85,23 @@ def test_subclass_override_is_refused(te_ext):
     assert "_get_weight_tensors" not in te_ext.TEGroupedLinear.__dict__
 
 
-def test_missing_transformer_engine_is_an_import_error_with_versions(te_ext, monkeypatch):
+def test_missing_transformer_engine_is_not_an_import_error_and_names_versions(te_ext, monkeypatch):
+    """Was an ImportError, which Megatron's own ``except ImportError`` around its imports swallows."""
     monkeypatch.setattr(te_ext, "TEGroupedLinear", None)
-    with pytest.raises(ImportError, match=r"megatron-core 0\.\d+.*need >= 0\.13.*transformer-engine .*need >= 2\.5"):
+    with pytest.raises(FakeQATUnavailableError, match=r"megatron-core 0\.\d+.*need >= 0\.13.*transformer-engine .*need >= 2\.5") as info:
         mm.enable()
+    assert not isinstance(info.value, ImportError) and isinstance(info.value, RuntimeError)
     assert not mm.is_enabled()
 
 
-def test_te_without_weight_hook_is_an_import_error(te_ext, monkeypatch):
+def test_te_without_weight_hook_is_not_an_import_error(te_ext, monkeypatch):
     class OldTE(torch.nn.Module):  # TE < 2.5: no _get_weight_tensors
         pass
 
     monkeypatch.setattr(te_ext, "TEGroupedLinear", OldTE)
-    with pytest.raises(ImportError, match=r"no _get_weight_tensors \(added in Transformer Engine 2\.5\)"):
+    with pytest.raises(FakeQATUnavailableError, match=r"no _get_weight_tensors \(added in Transformer Engine 2\.5\)") as info:
         mm.enable()
+    assert not isinstance(info.value, ImportError)
 
 
 def _reference_layer(layer, block_size):

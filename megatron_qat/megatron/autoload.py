@@ -2,123 +2,68 @@
 Megatron the moment ``megatron.core.extensions.transformer_engine`` is imported.
 
 The wheel ships ``megatron_qat_autoload.pth`` into site-packages. Its one line reads only
-``os.environ``: with the flag off (or ``MEGATRON_QAT_AUTOLOAD=0``) nothing else is imported. With the
-flag on it imports this module (no torch) and calls :func:`install`, which puts a finder at the front
-of ``sys.meta_path``. The finder ignores every module except two; for those it lets the normal
-finders build the spec and wraps the loader so that, right after the module has executed:
+``os.environ``: with the flag unset/empty/``0`` (or ``MEGATRON_QAT_AUTOLOAD=0``) nothing else is
+imported. Otherwise it imports this module (no torch) and calls :func:`install`, which registers two
+post-import callbacks (:mod:`megatron_qat.megatron.import_watch`):
 
-- ``megatron.core.extensions.transformer_engine`` -> :func:`megatron_qat.megatron.enable_from_env`
-  (errors propagate: the import fails loudly when the flag is on but cannot apply);
-- ``megatron.core.transformer.moe.moe_layer`` -> the ``MoELayer.__init__`` guard (that module
-  imports the extension module half-way through, so its class exists only later).
+- ``megatron.core.extensions.transformer_engine`` executed -> :func:`megatron_qat.megatron.enable_from_env`;
+- ``megatron.core.transformer.moe.moe_layer`` executed -> make sure fake-QAT is on (same call),
+  then wrap ``MoELayer.__init__`` (that module imports the extension module half-way through, so
+  its class exists only at the end).
 
-The finder removes itself after both have fired. A module already imported when :func:`install`
-runs is handled at once.
+Fail closed: every variable is validated then (a malformed value such as ``FLAG=yes`` or
+``MEGATRON_QAT_AUTOLOAD=maybe`` is an error there, not at interpreter start, where ``site`` would
+only print it). If the patch cannot be applied the callback raises a
+:class:`~megatron_qat.megatron.failclosed.FakeQATUnavailableError` (not an ``ImportError``, which
+Megatron's own ``try/except ImportError`` around these imports would swallow), the failure is
+recorded as sticky (no MoE layer build, no optimizer step), and the callback stays registered, so
+every later import attempt fails again.
+
+Dependency direction: this module imports :mod:`.patch` (inside the callbacks); :mod:`.patch`
+never imports this module.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
-AUTOLOAD = "MEGATRON_QAT_AUTOLOAD"
-EXTENSIONS_MODULE = "megatron.core.extensions.transformer_engine"
-MOE_LAYER_MODULE = "megatron.core.transformer.moe.moe_layer"
+from . import import_watch
+from .versions import EXTENSIONS_MODULE, MOE_LAYER_MODULE
 
 
-def _on_extensions_imported() -> None:
+def _on_extensions_imported(module) -> None:
     from .patch import enable_from_env
 
-    enable_from_env(_from_autoload=True)
+    enable_from_env()
 
 
-def _on_moe_layer_imported() -> None:
-    from .patch import on_moe_layer_imported
+def _on_moe_layer_imported(module) -> None:
+    from .patch import enable_from_env, is_enabled, on_moe_layer_imported
 
-    on_moe_layer_imported()
-
-
-_CALLBACKS = {EXTENSIONS_MODULE: _on_extensions_imported, MOE_LAYER_MODULE: _on_moe_layer_imported}
-
-
-class _PostExecLoader:
-    """Delegates to the real loader, then runs the callback once the module has executed."""
-
-    def __init__(self, loader, finder: "_PostImportFinder", fullname: str):
-        self._loader = loader
-        self._finder = finder
-        self._fullname = fullname
-
-    def create_module(self, spec):
-        create = getattr(self._loader, "create_module", None)
-        return create(spec) if create is not None else None
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        self._finder.fire(self._fullname)
-
-    def __getattr__(self, name):  # get_source, get_code, is_package, ... of the real loader
-        return getattr(self._loader, name)
-
-
-class _PostImportFinder:
-    """A ``sys.meta_path`` finder that only wraps the loaders of :data:`_CALLBACKS`' modules."""
-
-    def __init__(self):
-        self.pending = set(_CALLBACKS)
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.pending:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _PostExecLoader(spec.loader, self, fullname)
-                return spec
-        return None
-
-    def fire(self, fullname: str) -> None:
-        self.pending.discard(fullname)
-        if not self.pending and self in sys.meta_path:
-            sys.meta_path.remove(self)
-        _CALLBACKS[fullname]()
-
-
-_finder: _PostImportFinder | None = None
-
-
-def flag_requests_autoload(environ=None) -> bool:
-    """The .pth condition: fake-QAT flag not off, and ``MEGATRON_QAT_AUTOLOAD`` not ``"0"``."""
-    env = os.environ if environ is None else environ
-    return env.get(FLAG, "").strip() not in ("", "0") and env.get(AUTOLOAD, "1").strip() != "0"
+    if not is_enabled():
+        enable_from_env()
+    on_moe_layer_imported(module)
 
 
 def install() -> None:
-    """Install the finder (idempotent); modules already imported are handled now."""
-    global _finder
-    if _finder is None:
-        _finder = _PostImportFinder()
-        sys.meta_path.insert(0, _finder)
-    for name in (EXTENSIONS_MODULE, MOE_LAYER_MODULE):
+    """Register the two callbacks (idempotent); modules already imported are handled now."""
+    import_watch.when_imported(EXTENSIONS_MODULE, _on_extensions_imported)
+    import_watch.when_imported(MOE_LAYER_MODULE, _on_moe_layer_imported)
+    for name, callback in ((EXTENSIONS_MODULE, _on_extensions_imported), (MOE_LAYER_MODULE, _on_moe_layer_imported)):
         module = sys.modules.get(name)
-        if name in _finder.pending and module is not None and (
-            name != MOE_LAYER_MODULE or hasattr(module, "MoELayer")
-        ):
-            _finder.fire(name)
+        if module is not None and (name != MOE_LAYER_MODULE or hasattr(module, "MoELayer")):
+            callback(module)
+            import_watch.cancel(name, callback)
 
 
-def is_watching(fullname: str) -> bool:
-    """Whether the finder will still fire for ``fullname``."""
-    return _finder is not None and fullname in _finder.pending and _finder in sys.meta_path
+def is_installed() -> bool:
+    """Whether the autoload still waits for one of its modules."""
+    return import_watch.is_watching(EXTENSIONS_MODULE, _on_extensions_imported) or import_watch.is_watching(
+        MOE_LAYER_MODULE, _on_moe_layer_imported
+    )
 
 
 def uninstall() -> None:
-    """Remove the finder (tests)."""
-    global _finder
-    if _finder is not None and _finder in sys.meta_path:
-        sys.meta_path.remove(_finder)
-    _finder = None
+    """Unregister the callbacks (tests)."""
+    import_watch.cancel(EXTENSIONS_MODULE, _on_extensions_imported)
+    import_watch.cancel(MOE_LAYER_MODULE, _on_moe_layer_imported)

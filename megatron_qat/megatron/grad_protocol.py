@@ -19,13 +19,23 @@ gradient arrives, and the incoming gradient -- TE's dummy -- is returned unchang
 Parameter sees exactly what TE's unwrapped path would have handed it (no extra tensor, no extra
 add). A None gradient (TE's answer when the flag attribute is absent) stays None.
 Without fusion the incoming gradient is the real wgrad and is returned as is (identity STE).
+
+Beyond the fused-wgrad protocol, each fake tensor carries EVERY Python attribute of its source
+tensor (:func:`carry_attributes`, the Parameter's ``__dict__``, by reference), so that whatever
+Megatron or TE reads off the tensor TE received sees what was set on the Parameter. On expert
+weights megatron-core 0.16.1 sets: ``offloading_activation`` (fine-grained activation offloading,
+``PipelineOffloadManager.mark_not_offloadable``: without it the whole fake copy would be shipped to
+host and back every micro-batch), ``main_grad`` / ``grad_added_to_main_grad`` / ``zero_out_wgrad``
+/ ``overwrite_main_grad`` (fused wgrad), ``allreduce``, ``sequence_parallel``,
+``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride``, ``shared``, ``expert_tp``,
+``_mcore_tp`` / ``_tp_partition_dim`` / ``_tp_duplicated``. The attributes whose meaning cannot be
+carried over to a copy (Megatron-FSDP ``__fsdp_param__``, TE GTP ``is_distributed_weight``, quantized
+primary weights) are refused by :mod:`.guards` before anything is quantized.
 """
 
 from __future__ import annotations
 
 import torch
-
-FUSED_WGRAD_ATTRIBUTES = ("grad_added_to_main_grad", "zero_out_wgrad", "overwrite_main_grad")
 
 
 class ExpertWeightsSTE(torch.autograd.Function):
@@ -51,24 +61,28 @@ class ExpertWeightsSTE(torch.autograd.Function):
 def fake_quantize_with_grad_protocol(weights: list, block_size: int, fuse_wgrad_accumulation: bool) -> list:
     """Fake-quantize ``weights`` (each ``[out_features, in_features]``, one dtype and device) for TE.
 
-    Returns N new tensors. With autograd recording and a weight requiring grad they come from ONE
-    :class:`ExpertWeightsSTE` node and carry the fused-wgrad attributes of their source tensors;
-    otherwise (``torch.no_grad()``, e.g. log-prob recomputation) they are plain fake-quantized
-    tensors and no graph is built.
+    Returns N new tensors carrying their source tensors' attributes (:func:`carry_attributes`).
+    With autograd recording and a weight requiring grad they come from ONE :class:`ExpertWeightsSTE`
+    node; otherwise (``torch.no_grad()``, e.g. log-prob recomputation) no graph is built.
     """
     from ..mxfp4 import fake_quantize_many
 
     if not (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
-        return fake_quantize_many(list(weights), block_size)
-    owners = tuple(
-        w if (fuse_wgrad_accumulation and w.requires_grad and hasattr(w, "grad_added_to_main_grad")) else None
-        for w in weights
-    )
-    fakes = list(ExpertWeightsSTE.apply(block_size, owners, *weights))
+        fakes = fake_quantize_many(list(weights), block_size)
+    else:
+        owners = tuple(
+            w if (fuse_wgrad_accumulation and w.requires_grad and hasattr(w, "grad_added_to_main_grad")) else None
+            for w in weights
+        )
+        fakes = list(ExpertWeightsSTE.apply(block_size, owners, *weights))
     for w, q in zip(weights, fakes):
-        if hasattr(w, "main_grad"):
-            q.main_grad = w.main_grad
-        for name in FUSED_WGRAD_ATTRIBUTES:
-            if hasattr(w, name):
-                setattr(q, name, getattr(w, name))
+        carry_attributes(w, q)
     return fakes
+
+
+def carry_attributes(source: torch.Tensor, fake: torch.Tensor) -> None:
+    """Give ``fake`` every Python attribute of ``source`` (same objects: ``main_grad`` stays the
+    Parameter's buffer view). Values are those at forward time."""
+    attributes = getattr(source, "__dict__", None)
+    if attributes:
+        fake.__dict__.update(attributes)

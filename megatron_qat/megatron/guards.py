@@ -1,6 +1,7 @@
 """Refuse configurations in which the fake-QAT would be wrong or silently inactive.
 
-Three moments:
+Three moments (plus the subclass-override check, :func:`check_no_hook_override`, run at ``enable()``,
+at model build and on the first patched forward of each class):
 
 - :func:`check_moe_config` before ``MoELayer.__init__`` (config switches);
 - :func:`check_built_moe_layer` right after it (do the routed experts go through
@@ -108,9 +109,10 @@ def k_error(where: str, shape, block_size: int, config=None) -> ValueError:
     )
 
 
-def check_built_moe_layer(layer, grouped_linear_cls, block_size: int) -> None:
+def check_built_moe_layer(layer, grouped_linear_cls, block_size: int) -> int:
     """After ``MoELayer.__init__``: the routed experts must contain ``TEGroupedLinear`` modules
-    (whose ``_get_weight_tensors`` is patched) and each of them must have K % block_size == 0."""
+    (whose ``_get_weight_tensors`` is patched, not shadowed by a subclass override) and each of them
+    must have K % block_size == 0. Returns how many there are."""
     experts = getattr(layer, "experts", None)
     config = getattr(layer, "config", None)
     grouped = [(name, m) for name, m in experts.named_modules() if isinstance(m, grouped_linear_cls)] if experts is not None else []
@@ -129,10 +131,29 @@ def check_built_moe_layer(layer, grouped_linear_cls, block_size: int) -> None:
             f"(use_transformer_engine_op_fuser=True), which bypasses the weight hook; turn it off, or {FLAG_HINT}"
         )
     for name, module in grouped:
+        check_no_hook_override(type(module), grouped_linear_cls)
         k = getattr(module, "in_features", None)
         if k is not None and k % block_size:
             shape = [getattr(module, "out_features", "?"), k]
             raise k_error(f"{_describe_layer(layer)}.experts.{name}", shape, block_size, config)
+    return len(grouped)
+
+
+def check_no_hook_override(klass, grouped_linear_cls) -> None:
+    """Refuse ``klass`` (a subclass of ``TEGroupedLinear``, defined before or after ``enable()``) when a
+    class between it and ``TEGroupedLinear`` defines its own ``_get_weight_tensors``: that override
+    shadows the wrapper installed on ``TEGroupedLinear``, which would then never run for it."""
+    if grouped_linear_cls is None:
+        return
+    for sub in klass.__mro__:
+        if sub is grouped_linear_cls:
+            return
+        if "_get_weight_tensors" in sub.__dict__:
+            raise RuntimeError(
+                f"MXFP4 fake-QAT: {sub.__module__}.{sub.__qualname__} overrides _get_weight_tensors, so the wrapper "
+                f"installed on {grouped_linear_cls.__qualname__} would not run for it; move that override onto "
+                f"TEGroupedLinear (the wrapper then runs after it), or {FLAG_HINT}"
+            )
 
 
 def check_grouped_linear_forward(module, weights: list, block_size: int) -> None:

@@ -1,21 +1,40 @@
-"""The replacement for ``TEGroupedLinear._get_weight_tensors``.
+"""The two replacement functions the patch installs.
 
-The wrapper calls whatever attribute resolution gave on ``TEGroupedLinear`` when the patch was
-applied (TE's ``GroupedLinear._get_weight_tensors``, or a fork's own override), then hands its
-result -- N weights ``[out_features, in_features]`` -- through the guards and ONE straight-through
-fake-quantize node (:mod:`megatron_qat.megatron.grad_protocol`). Under ``torch.no_grad()`` (log-prob
-recomputation) the weights are still fake-quantized, without a graph.
+- ``TEGroupedLinear._get_weight_tensors``: calls whatever attribute resolution gave on
+  ``TEGroupedLinear`` when the patch was applied (TE's ``GroupedLinear._get_weight_tensors``, a
+  fork's own override, or a foreign wrapper), with every positional and keyword argument TE passes,
+  then hands its result -- N weights ``[out_features, in_features]`` -- to
+  :func:`fake_quantize_expert_weights` (guards, then ONE straight-through fake-quantize node,
+  :mod:`megatron_qat.megatron.grad_protocol`). Under ``torch.no_grad()`` (log-prob recomputation)
+  the weights are still fake-quantized, without a graph.
+- ``MoELayer.__init__``: refuses to build while a fake-QAT failure is recorded
+  (:mod:`.failclosed`), runs the config guards before and the structure guards after
+  construction, and counts the patched modules for the "model built" log line (:mod:`.announce`).
+
+Each installed function has a :class:`Switch`. ``disable()`` normally removes the function; when a
+foreign wrapper sits on top of it (so removing it would delete that wrapper), it turns the switch
+off instead and the function becomes a pass-through to ``original``.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
-SENTINEL = "__megatron_qat_patch__"
+
+class Switch:
+    """On/off state of one installed wrapper (``active`` False: pure pass-through)."""
+
+    __slots__ = ("active",)
+
+    def __init__(self):
+        self.active = True
 
 
 def fake_quantize_expert_weights(module, weights, block_size: int) -> list:
-    """What the patched hook returns for ``module`` given the original hook's ``weights``."""
+    """What the patched hook returns for ``module`` given the original hook's ``weights``: the one
+    place that turns the N master weights of a grouped linear layer into their fake-quantized
+    tensors (a per-step weight cache slots in here)."""
     from .grad_protocol import fake_quantize_with_grad_protocol
     from .guards import check_grouped_linear_forward
 
@@ -25,31 +44,51 @@ def fake_quantize_expert_weights(module, weights, block_size: int) -> list:
     return fake_quantize_with_grad_protocol(weights, block_size, fuse)
 
 
-def make_get_weight_tensors(original, block_size_of):
+def make_get_weight_tensors(original, switch: Switch, block_size_of, grouped_linear_cls_of):
     """Wrap ``original`` (an unbound ``_get_weight_tensors``); ``block_size_of()`` gives the block size
-    in force. The wrapper keeps ``original`` as ``__wrapped__`` and carries :data:`SENTINEL`."""
+    in force. ``__wrapped__`` is ``original``."""
+    from . import announce
+    from .guards import check_no_hook_override
+
+    checked_types = weakref.WeakSet()  # classes of self already checked for an override
 
     @functools.wraps(original)
-    def _get_weight_tensors(self):
-        return fake_quantize_expert_weights(self, original(self), block_size_of())
+    def _get_weight_tensors(self, *args, **kwargs):
+        weights = original(self, *args, **kwargs)
+        if not switch.active:
+            return weights
+        klass = type(self)
+        if klass not in checked_types:
+            check_no_hook_override(klass, grouped_linear_cls_of())
+            checked_types.add(klass)
+        block_size = block_size_of()
+        fakes = fake_quantize_expert_weights(self, weights, block_size)
+        if announce.pending():
+            announce.first_forward(fakes, block_size)
+        return fakes
 
     _get_weight_tensors.__wrapped__ = original
-    setattr(_get_weight_tensors, SENTINEL, True)
     return _get_weight_tensors
 
 
-def make_moe_layer_init(original, grouped_linear_cls_of, block_size_of):
-    """Wrap ``MoELayer.__init__``: config guards before construction, structure guards after."""
+def make_moe_layer_init(original, switch: Switch, is_active, grouped_linear_cls_of, block_size_of):
+    """Wrap ``MoELayer.__init__``: sticky-failure check, config guards before construction,
+    structure guards after. ``is_active()`` says whether fake-QAT is on (the wrapper is also
+    installed, as a pure failure guard, when it could not be turned on)."""
+    from . import announce, failclosed
+    from .guards import check_built_moe_layer, check_moe_config
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        from .guards import check_built_moe_layer, check_moe_config
-
+        if switch.active:
+            failclosed.check(f"building {type(self).__name__}")
+        if not (switch.active and is_active()):
+            return original(self, *args, **kwargs)
         config = kwargs.get("config", args[0] if args else None)
         check_moe_config(config)
         original(self, *args, **kwargs)
-        check_built_moe_layer(self, grouped_linear_cls_of(), block_size_of())
+        patched = check_built_moe_layer(self, grouped_linear_cls_of(), block_size_of())
+        announce.moe_layer_built(patched)
 
     __init__.__wrapped__ = original
-    setattr(__init__, SENTINEL, True)
     return __init__

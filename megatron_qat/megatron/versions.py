@@ -3,8 +3,10 @@
 Supported: megatron-core >= 0.13 (``megatron.core.extensions.transformer_engine.TEGroupedLinear``)
 on Transformer Engine >= 2.5 (``GroupedLinear._get_weight_tensors``, TE PR #1814). Megatron
 imports its TE extension module even without TE (``HAVE_TE = False``) and then defines
-``TEGroupedLinear = None``; that case is an :class:`ImportError` here, as is a TE too old to have
-the weight hook.
+``TEGroupedLinear = None``; that case is a
+:class:`~megatron_qat.megatron.failclosed.FakeQATUnavailableError` here, as is a TE too old to have
+the weight hook. Never an ``ImportError``: Megatron imports its TE extension module inside
+``try/except ImportError`` blocks, which would swallow it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as metadata
 import re
+
+from .failclosed import FakeQATUnavailableError
 
 EXTENSIONS_MODULE = "megatron.core.extensions.transformer_engine"
 MOE_LAYER_MODULE = "megatron.core.transformer.moe.moe_layer"
@@ -45,22 +49,23 @@ def versions_line() -> str:
 
 
 def load_te_grouped_linear():
-    """Return ``(extensions_module, TEGroupedLinear)`` or raise :class:`ImportError` naming versions."""
+    """Return ``(extensions_module, TEGroupedLinear)`` or raise :class:`FakeQATUnavailableError` naming
+    the installed versions and the minimums."""
     mcore = installed_version("megatron-core", "megatron_core")
     if mcore is not None and _leading_numbers(mcore) < MIN_MEGATRON_CORE:
-        raise ImportError(f"megatron_qat fake-QAT needs megatron-core >= 0.13; {versions_line()}")
+        raise FakeQATUnavailableError(f"megatron_qat fake-QAT needs megatron-core >= 0.13; {versions_line()}")
     try:
         ext = importlib.import_module(EXTENSIONS_MODULE)
     except ImportError as exc:
-        raise ImportError(f"megatron_qat fake-QAT cannot import {EXTENSIONS_MODULE}: {exc}; {versions_line()}") from exc
+        raise FakeQATUnavailableError(f"megatron_qat fake-QAT cannot import {EXTENSIONS_MODULE}: {exc}; {versions_line()}") from exc
     cls = getattr(ext, "TEGroupedLinear", None)
     if cls is None:
-        raise ImportError(
+        raise FakeQATUnavailableError(
             f"megatron_qat fake-QAT: {EXTENSIONS_MODULE}.TEGroupedLinear is None (Megatron found no usable "
             f"Transformer Engine, HAVE_TE={getattr(ext, 'HAVE_TE', '?')}); {versions_line()}"
         )
     if not callable(getattr(cls, "_get_weight_tensors", None)):
-        raise ImportError(
+        raise FakeQATUnavailableError(
             "megatron_qat fake-QAT: TEGroupedLinear has no _get_weight_tensors (added in Transformer Engine "
             f"2.5); {versions_line()}"
         )

@@ -1,0 +1,616 @@
+"""Issue 9 item 1: the per-module, per-optimizer-step cache of fake-quantized expert weights
+(megatron_qat/megatron/weight_cache.py), CPU.
+
+Transformer Engine cannot be installed here, so the TE level is tests/te_standin.py (TE 2.20.2's
+BF16 ``_GroupedLinear`` protocol, fused wgrad included). Below it sits a two-level stand-in that
+separates TE's ``GroupedLinear.forward(inp, m_splits, is_first_microbatch=None)`` from megatron-core
+0.16.1's ``TEGroupedLinear.forward(x, m_splits)``, which computes the flag. The cache is installed
+the way the patch will install it: the weight hook calls ``weight_cache.fake_weights``, TE's
+forward is wrapped by ``weight_cache.make_forward_wrapper``. Real pieces: megatron-core's
+``forward_backward_no_pipelining`` and ``MegatronModule.set_is_first_microbatch`` (gloo, world
+size 1), megatron-core's FP32Optimizer / ChainedOptimizer, torch optimizers.
+
+Every "fresh" claim is checked against the uncached path (``MEGATRON_QAT_CACHE=0``) or
+``mxfp4.fake_quantize`` of the current master weights, on int32 views.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from te_standin import DDPLikeHooks, StandInGroupedLinear, _StandInGroupedLinearFn  # noqa: E402
+
+from megatron_qat import mxfp4  # noqa: E402
+from megatron_qat.megatron import weight_cache as wc  # noqa: E402
+
+N, K, OUT, BLOCK = 3, 64, 16, 32
+SPLITS = [[4, 0, 6], [2, 5, 3], [3, 3, 1]]
+
+
+class TEGroupedLinearStandIn(StandInGroupedLinear):
+    """TE ``GroupedLinear``: the flag is an argument; ``received`` records what each call handed the GEMM."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.received = []
+
+    def forward(self, inp, m_splits, is_first_microbatch=None):
+        weights = self._get_weight_tensors()
+        self.received.append(list(weights))
+        return _StandInGroupedLinearFn.apply(inp, list(m_splits), self.fuse_wgrad_accumulation, is_first_microbatch,
+                                             *weights)
+
+
+class MegatronTEGroupedLinear(TEGroupedLinearStandIn):
+    """megatron-core 0.16.1 ``TEGroupedLinear.forward``: None under ``disable_parameter_transpose_cache``,
+    else the module flag, which is set False after every call."""
+
+    disable_parameter_transpose_cache = False
+
+    def forward(self, x, m_splits):
+        flag = None if self.disable_parameter_transpose_cache else self.is_first_microbatch
+        out = super().forward(x, m_splits, is_first_microbatch=flag)
+        self.is_first_microbatch = False
+        return out, None
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """Fresh cache state; the cache installed on the test-local classes as patch.py will install it."""
+    monkeypatch.delenv(wc.CACHE_ENV, raising=False)
+    original = MegatronTEGroupedLinear._get_weight_tensors
+
+    def _get_weight_tensors(self):
+        return wc.fake_weights(self, original(self), BLOCK)
+
+    monkeypatch.setattr(MegatronTEGroupedLinear, "_get_weight_tensors", _get_weight_tensors)
+    base = wc.grouped_linear_forward_class(MegatronTEGroupedLinear)
+    assert base is TEGroupedLinearStandIn
+    monkeypatch.setattr(base, "forward", wc.make_forward_wrapper(base.__dict__["forward"]))
+    wc.release()
+    wc.reset_stats()
+    yield wc
+    wc.release()
+
+
+def _layer(fuse=False, seed=3):
+    return MegatronTEGroupedLinear(N, K, OUT, fuse_wgrad_accumulation=fuse, seed=seed)
+
+
+def _experts(layer):
+    return [layer.get_parameter(f"weight{i}") for i in range(layer.num_gemms)]
+
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.int32)
+
+
+def _assert_fresh(received, weights):
+    """What TE got equals fake_quantize of the CURRENT master weights, bit for bit."""
+    for i, (got, w) in enumerate(zip(received, weights)):
+        assert torch.equal(_bits(got), _bits(mxfp4.fake_quantize(w.detach(), BLOCK))), f"weight{i} is stale"
+
+
+def _x(rows, seed):
+    return torch.randn(rows, K, generator=torch.Generator().manual_seed(seed))
+
+
+def _stats():
+    s = wc.stats()
+    return s.hits, s.misses, s.uncached
+
+
+# --- the tri-state flag --------------------------------------------------------------------------
+
+
+def test_tri_state_flag(cache):
+    layer = _layer()
+    calls = []
+    x, s = _x(10, 0), SPLITS[0]
+    base_forward = TEGroupedLinearStandIn.forward
+    for flag in (None, None, True, False, False, True, False):
+        base_forward(layer, x, s, is_first_microbatch=flag)
+        calls.append(_stats())
+    assert calls == [(0, 0, 1), (0, 0, 2), (0, 1, 2), (1, 1, 2), (2, 1, 2), (2, 2, 2), (3, 2, 2)]
+    r = layer.received
+    assert r[0][0].data_ptr() != r[1][0].data_ptr()  # None: a new QDQ each call
+    assert [q is r[2][0] for q in (r[3][0], r[4][0])] == [True, True]  # False: the kept copy
+    assert r[5][0] is not r[2][0] and r[6][0] is r[5][0]  # True: QDQ again and keep
+    for got in r:
+        _assert_fresh(got, _experts(layer))
+
+
+def test_megatron_flag_none_under_disable_parameter_transpose_cache(cache):
+    layer = _layer()
+    layer.disable_parameter_transpose_cache = True
+    for _ in range(3):
+        layer(_x(10, 0), SPLITS[0])
+    assert _stats() == (0, 0, 3)
+
+
+def test_no_flag_recorded_means_no_caching(cache):
+    """A call from outside TE's forward (backward_dw, a direct call) caches nothing."""
+    layer = _layer()
+    layer._get_weight_tensors()
+    layer._get_weight_tensors()
+    assert _stats() == (0, 0, 2)
+
+
+def test_forward_wrapper_records_flag_only_during_the_call_and_restores_it():
+    seen = []
+
+    class Base(torch.nn.Module):
+        def forward(self, inp, m_splits, is_first_microbatch=None):
+            seen.append(self.__dict__.get(wc.FLAG_ATTR, "absent"))
+            if inp == "nested":
+                Base.forward(self, "inner", m_splits, False)
+                seen.append(self.__dict__.get(wc.FLAG_ATTR, "absent"))
+            return inp
+
+    Base.forward = wc.make_forward_wrapper(Base.__dict__["forward"])
+    m = Base()
+    m("a", [1], is_first_microbatch=True)
+    m("b", [1], False)
+    m("c", [1])
+    m("nested", [1], True)
+    assert seen == [True, False, None, True, False, True]
+    assert wc.FLAG_ATTR not in m.__dict__
+
+
+def test_forward_wrapper_refuses_a_forward_without_the_flag():
+    def forward(self, inp, m_splits):
+        return inp
+
+    with pytest.raises(TypeError, match="takes no is_first_microbatch parameter"):
+        wc.make_forward_wrapper(forward)
+    with pytest.raises(TypeError, match="no Transformer Engine base class defining forward"):
+        wc.grouped_linear_forward_class(torch.nn.Linear)
+
+
+# --- megatron's schedule with N micro-batches, two optimizer steps -------------------------------
+
+
+class _CpuTorch:
+    """``torch`` as megatron's schedules module sees it, except that its one ``device="cuda"``
+    allocation (the token counter ``total_num_tokens``) is made on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+@pytest.fixture
+def megatron_schedule(monkeypatch, tmp_path):
+    """megatron-core's real ``forward_backward_no_pipelining`` with a gloo world of one."""
+    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    import torch.distributed as dist
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(schedules, "torch", _CpuTorch())
+    pgs = ProcessGroupCollection()
+    for name in ("tp", "cp", "embd", "pos_embd", "pp", "dp_cp"):
+        setattr(pgs, name, dist.group.WORLD)
+    yield lambda **kw: schedules.forward_backward_no_pipelining(pg_collection=pgs, seq_length=1, micro_batch_size=1,
+                                                                 **kw)
+    if started:
+        dist.destroy_process_group()
+
+
+def _tiny_model(layer, fp8_rearm: bool):
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron.core.enums import ModelType
+
+    class Tiny(MegatronModule):
+        def __init__(self, config):
+            super().__init__(config)
+            self.layer = layer
+            self.model_type = ModelType.encoder_or_decoder
+
+        def set_input_tensor(self, tensor):
+            pass
+
+        def forward(self, x, splits):
+            return self.layer(x, splits)[0]
+
+    config = TransformerConfig(num_layers=1, hidden_size=K, num_attention_heads=1)
+    if fp8_rearm:
+        config.fp8 = "hybrid"  # set_is_first_microbatch() re-arms the module flag only under fp8/fp4
+    return Tiny(config)
+
+
+def _data(step, n):
+    out = []
+    for mb in range(n):
+        s = SPLITS[mb % len(SPLITS)]
+        out.append((_x(sum(s), 100 * step + mb), s, _x(sum(s), 100 * step + mb + 50)[:, :OUT]))
+    return out
+
+
+def _step_func(data_iterator, model):
+    x, splits, target = next(data_iterator)
+    out = model(x, splits)
+    return out, lambda o: ((o * target).sum(), {"loss": o.detach().clone()})
+
+
+def _train(run, fp8_rearm, steps=2, n_micro=3, optimizer_cls=torch.optim.Adam):
+    """Two optimizer steps of N micro-batches through megatron's schedule, fused wgrad into main_grad
+    with a Megatron-DDP-like hook; then a forward-only pass (log-probs) right after the last step."""
+    layer = _layer(fuse=True)
+    params = _experts(layer)
+    ddp = DDPLikeHooks(params)
+    model = _tiny_model(layer, fp8_rearm)
+    opt = optimizer_cls(params, lr=0.05)
+    record = {"main_grad": [], "params": [], "received": [], "stats": [], "logprobs": None}
+    for step in range(steps):
+        ddp.zero_grad_buffer()
+        layer.received.clear()
+        run(forward_step_func=_step_func, data_iterator=iter(_data(step, n_micro)), model=model,
+            num_microbatches=n_micro)
+        record["received"].append(list(layer.received))
+        record["main_grad"].append([p.main_grad.clone() for p in params])
+        assert all(ddp.adds[p] == 0 for p in params)  # TE's dummy was never added
+        record["stats"].append(_stats())
+        for p in params:  # what megatron's FP32Optimizer.prepare_grads does
+            p.grad = p.main_grad
+        opt.step()
+        record["params"].append([p.detach().clone() for p in params])
+    layer.received.clear()
+    with torch.no_grad():
+        store = run(forward_step_func=_step_func, data_iterator=iter(_data(9, n_micro)), model=model,
+                    num_microbatches=n_micro, forward_only=True)
+    record["logprobs"] = [d["loss"] for d in store]
+    record["logprob_received"] = list(layer.received)
+    record["final_params"] = params
+    return record
+
+
+@pytest.mark.parametrize("fp8_rearm", [False, True], ids=["bf16-flag-true-once", "fp8-flag-rearmed-each-step"])
+def test_megatron_schedule_n_microbatches_equals_uncached_bitwise(cache, megatron_schedule, monkeypatch, fp8_rearm):
+    monkeypatch.setenv(wc.CACHE_ENV, "0")
+    wc.configure()
+    want = _train(megatron_schedule, fp8_rearm)
+    assert want["stats"][-1][:2] == (0, 0)
+    monkeypatch.setenv(wc.CACHE_ENV, "1")
+    wc.configure()
+    wc.reset_stats()
+    got = _train(megatron_schedule, fp8_rearm)
+    for step in range(2):
+        for g, w in zip(got["main_grad"][step], want["main_grad"][step]):
+            assert torch.equal(_bits(g), _bits(w)), f"main_grad differs at step {step}"
+        for g, w in zip(got["params"][step], want["params"][step]):
+            assert torch.equal(_bits(g), _bits(w)), f"weights differ after step {step}"
+    for g, w in zip(got["logprobs"], want["logprobs"]):
+        assert torch.equal(_bits(g), _bits(w))
+    # one QDQ per step (misses), the other micro-batches reuse it; the forward-only pass after the
+    # last optimizer step quantizes again (the optimizer hook fired) and then reuses
+    assert [s[:2] for s in got["stats"]] == [(2, 1), (4, 2)]
+    assert _stats()[:2] == (6, 3)
+    for step, received in enumerate(got["received"]):
+        assert len(received) == 3
+        for i in range(N):  # every micro-batch's TE input is the same tensor: one storage
+            assert len({id(r[i]) for r in received}) == 1 and len({r[i].data_ptr() for r in received}) == 1
+    # the forward-only pass saw the weights the last optimizer step produced
+    _assert_fresh(got["logprob_received"][0], got["final_params"])
+
+
+class _DataWriteSGD(torch.optim.Optimizer):
+    """A torch optimizer whose update goes through ``param.data`` (no version bump), as megatron's
+    DistributedOptimizer's copy of the main params into the param buffer does."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.copy_(p.data - group["lr"] * p.grad)
+
+
+def test_optimizer_update_invisible_to_version_counter_is_still_picked_up(cache, megatron_schedule):
+    got = _train(megatron_schedule, fp8_rearm=False, optimizer_cls=_DataWriteSGD)
+    assert [s[:2] for s in got["stats"]] == [(2, 1), (4, 2)]
+    _assert_fresh(got["logprob_received"][0], got["final_params"])
+    _assert_fresh(got["received"][1][0], [p for p in got["params"][0]])  # step 2 used step 1's update
+
+
+# --- micro-batches in flight, activation recompute, no-grad then grad -----------------------------
+
+
+def _grads_uncached_vs_cached(monkeypatch, run):
+    results = []
+    for env in ("0", "1"):
+        monkeypatch.setenv(wc.CACHE_ENV, env)
+        wc.configure()
+        layer = _layer(fuse=True)
+        params = _experts(layer)
+        ddp = DDPLikeHooks(params)
+        results.append((run(layer), [p.main_grad.clone() for p in params], [ddp.adds[p] for p in params], layer))
+    return results
+
+
+def test_microbatches_in_flight_share_one_copy_and_gradients_match(cache, monkeypatch):
+    def run(layer):
+        outs = [layer(_x(sum(s), i), s)[0] for i, s in enumerate(SPLITS)]  # all forwards first
+        for i, out in enumerate(outs):
+            out.backward(_x(out.shape[0], 10 + i)[:, :OUT])
+        return [o.detach() for o in outs]
+
+    (out0, grad0, adds0, _), (out1, grad1, adds1, layer) = _grads_uncached_vs_cached(monkeypatch, run)
+    for a, b in zip(out0 + grad0, out1 + grad1):
+        assert torch.equal(_bits(a), _bits(b))
+    assert adds0 == adds1 == [0] * N
+    first = layer.received[0]
+    assert all(r[i] is first[i] for r in layer.received for i in range(N))
+
+
+def test_activation_recompute_reuses_the_copy_and_gradients_match(cache, monkeypatch):
+    """Megatron's full recompute runs the forward under no_grad, then again in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(layer):
+        outs = []
+        for i, s in enumerate(SPLITS):
+            x = _x(sum(s), i).requires_grad_(True)
+            out = checkpoint(lambda t: layer(t, s)[0], x, use_reentrant=True)
+            out.backward(_x(out.shape[0], 10 + i)[:, :OUT])
+            outs.append(x.grad)
+        return outs
+
+    (dx0, grad0, _, _), (dx1, grad1, _, layer) = _grads_uncached_vs_cached(monkeypatch, run)
+    for a, b in zip(dx0 + grad0, dx1 + grad1):
+        assert torch.equal(_bits(a), _bits(b))
+    hits, misses, _ = _stats()
+    assert misses == 1 and hits == 2 * len(SPLITS) - 1  # no-grad pass and recompute both reuse
+    storage = {r[0].data_ptr() for r in layer.received}
+    assert len(storage) == 1
+
+
+def test_no_grad_miss_then_grad_hit_connects_the_same_storage(cache):
+    layer = _layer()
+    with torch.no_grad():
+        layer(_x(10, 0), SPLITS[0])
+    plain = layer.received[-1]
+    assert all(q.grad_fn is None for q in plain)
+    out, _ = layer(_x(10, 0), SPLITS[0])
+    connected = layer.received[-1]
+    assert _stats() == (1, 1, 0)
+    assert all(q.grad_fn is not None and q.data_ptr() == p.data_ptr() for q, p in zip(connected, plain))
+    out.sum().backward()
+    assert all(p.grad is not None for p in _experts(layer))
+
+
+# --- signals that weights changed -----------------------------------------------------------------
+
+
+def _warm(layer):
+    layer(_x(10, 0), SPLITS[0])
+    layer(_x(10, 1), SPLITS[0])
+    assert layer.received[-1][0] is layer.received[-2][0]
+
+
+def test_in_place_update_bumps_version_and_is_picked_up(cache):
+    layer = _layer()
+    _warm(layer)
+    with torch.no_grad():
+        layer.weight1.mul_(3.0)
+    layer(_x(10, 0), SPLITS[0])
+    _assert_fresh(layer.received[-1], _experts(layer))
+
+
+@pytest.mark.parametrize("how", ["in_place", "assign"])
+def test_checkpoint_load_is_picked_up(cache, how):
+    layer = _layer()
+    _warm(layer)
+    new = {k: v * 2 + 1 for k, v in layer.state_dict().items()}
+    layer.load_state_dict(new, assign=(how == "assign"))
+    layer(_x(10, 0), SPLITS[0])
+    _assert_fresh(layer.received[-1], _experts(layer))
+    assert torch.equal(_experts(layer)[0].detach(), new["weight0"])
+
+
+def test_checkpoint_load_that_bypasses_the_version_counter_is_picked_up(cache, monkeypatch):
+    """A module whose ``_load_from_state_dict`` writes through ``.data`` (no version bump): the
+    load-state-dict post hook is what catches it."""
+    layer = _layer()
+
+    def load_through_data(self, state_dict, prefix, *args):
+        for name, p in self._parameters.items():
+            p.data.copy_(state_dict[prefix + name])
+
+    monkeypatch.setattr(MegatronTEGroupedLinear, "_load_from_state_dict", load_through_data)
+    _warm(layer)
+    versions = [p._version for p in _experts(layer)]
+    parent = torch.nn.Sequential(layer)
+    parent.load_state_dict({f"0.{k}": v * 2 + 1 for k, v in layer.state_dict().items()})
+    assert [p._version for p in _experts(layer)] == versions  # invisible to the version counter
+    layer(_x(10, 0), SPLITS[0])
+    _assert_fresh(layer.received[-1], _experts(layer))
+
+
+def test_data_write_needs_invalidate_cache(cache):
+    """The documented blind spot: a write through ``param.data`` outside an optimizer step."""
+    layer = _layer()
+    _warm(layer)
+    layer.weight0.data.copy_(layer.weight0.data * 5)
+    layer(_x(10, 0), SPLITS[0])
+    stale = layer.received[-1]
+    assert stale[0] is layer.received[-2][0]  # reused: the cache could not see this write
+    cache.invalidate_cache()
+    layer(_x(10, 0), SPLITS[0])
+    _assert_fresh(layer.received[-1], _experts(layer))
+
+
+def test_param_buffer_writes_do_not_bump_the_param_version_the_optimizer_hook_covers_them(cache):
+    """Megatron's param buffer: ``param.data`` is a view of ``param_data``; DistributedOptimizer writes
+    the updated shard into the buffer and all-gathers into it. PyTorch does not share the version
+    counter between the buffer and a Parameter whose ``.data`` was set to a view of it."""
+    layer = _layer()
+    buffer = torch.zeros(N * OUT * K)
+    for i, p in enumerate(_experts(layer)):
+        view = buffer[i * OUT * K:(i + 1) * OUT * K].view(OUT, K)
+        view.copy_(p.detach())
+        p.data = view
+    _warm(layer)
+    versions = [p._version for p in _experts(layer)]
+    buffer.mul_(2.0)  # e.g. the param all-gather landing in the buffer
+    assert [p._version for p in _experts(layer)] == versions
+    layer(_x(10, 0), SPLITS[0])
+    assert layer.received[-1][0] is layer.received[-2][0]  # not visible by itself ...
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1).step()  # ... any optimizer step is
+    layer(_x(10, 0), SPLITS[0])
+    _assert_fresh(layer.received[-1], _experts(layer))
+
+
+@pytest.mark.parametrize("how", ["data_swap", "new_parameter"])
+def test_replaced_weight_storage_or_parameter_is_picked_up(cache, how):
+    layer = _layer()
+    _warm(layer)
+    fresh = torch.randn(OUT, K, generator=torch.Generator().manual_seed(11))
+    if how == "data_swap":
+        layer.weight2.data = fresh  # different data_ptr, same Parameter object, version unchanged
+    else:
+        layer.weight2 = torch.nn.Parameter(fresh)
+    layer(_x(10, 0), SPLITS[0])
+    _assert_fresh(layer.received[-1], _experts(layer))
+
+
+def test_invalidate_cache_drops_every_copy(cache):
+    layers = [_layer(seed=s) for s in (1, 2)]
+    for layer in layers:
+        _warm(layer)
+    entries = [layer.__dict__[wc.ENTRY_ATTR] for layer in layers]
+    cache.invalidate_cache()
+    assert all(e.plain is None and e.connected is None and e.weights is None for e in entries)
+    for layer in layers:
+        layer(_x(10, 0), SPLITS[0])
+    assert _stats()[1] == 4
+
+
+def test_megatron_optimizers_step_a_torch_optimizer(cache, monkeypatch):
+    """megatron-core 0.16.1 FP32Optimizer.step and ChainedOptimizer.step_with_ready_grads (real
+    classes) end in ``torch.optim.Optimizer.step`` of the wrapped optimizer, so the global post hook
+    fires (MixedPrecisionOptimizer / DistributedOptimizer: tests/gpu/test_weight_cache_gpu.py). The
+    ``device="cuda"`` loss-scale tensor of FP32Optimizer is made on the CPU here."""
+    pytest.importorskip("megatron.core")
+    import megatron.core.optimizer.optimizer as mopt
+    from megatron.core.optimizer import OptimizerConfig
+
+    monkeypatch.setattr(mopt, "torch", _CpuTorchTensor())
+    layer = _layer()
+    _warm(layer)
+    config = OptimizerConfig(optimizer="adam", lr=0.1, clip_grad=0.0, bf16=False, fp16=False)
+    params = _experts(layer)
+    for p in params:
+        p.main_grad = torch.ones_like(p)
+    for wrap in ("fp32", "chained"):
+        optimizer = mopt.FP32Optimizer(torch.optim.Adam(params, lr=0.1), config, lambda o: None)
+        if wrap == "chained":
+            optimizer = mopt.ChainedOptimizer([optimizer])
+        before = cache.stats().misses
+        if wrap == "fp32":
+            assert optimizer.step()[0] is True
+        else:  # ChainedOptimizer.step() computes the grad norm over parallel_state groups first
+            assert optimizer.prepare_grads() is False and optimizer.step_with_ready_grads() is True
+        layer(_x(10, 0), SPLITS[0])
+        assert cache.stats().misses == before + 1
+        _assert_fresh(layer.received[-1], params)
+
+
+class _CpuTorchTensor(_CpuTorch):
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+# --- switches, hygiene ----------------------------------------------------------------------------
+
+
+def test_cache_env_off_quantizes_every_call(cache, monkeypatch):
+    monkeypatch.setenv(wc.CACHE_ENV, "0")
+    wc.configure()
+    layer = _layer()
+    for _ in range(3):
+        layer(_x(10, 0), SPLITS[0])
+    assert _stats() == (0, 0, 3)
+    assert len({id(r[0]) for r in layer.received}) == 3
+    for r in layer.received:
+        _assert_fresh(r, _experts(layer))
+
+
+@pytest.mark.parametrize("value", ["", "1", " 1 "])
+def test_cache_env_on_values(value):
+    assert wc.caching_from_env({wc.CACHE_ENV: value}) is True
+    assert wc.caching_from_env({}) is True
+    assert wc.caching_from_env({wc.CACHE_ENV: "0"}) is False
+
+
+@pytest.mark.parametrize("value", ["true", "2", "off", "yes"])
+def test_cache_env_bad_value_names_the_variable(value):
+    with pytest.raises(ValueError, match=rf"MEGATRON_QAT_CACHE={value!r}: accepted values are \"1\""):
+        wc.caching_from_env({wc.CACHE_ENV: value})
+
+
+def test_release_removes_hooks_and_entries(cache):
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    layer = _layer()
+    _warm(layer)
+    assert cache._state.hook is not None and len(layer._load_state_dict_post_hooks) == 1
+    before = len(_global_optimizer_post_hooks)
+    cache.release()
+    assert len(_global_optimizer_post_hooks) == before - 1
+    assert wc.ENTRY_ATTR not in layer.__dict__ and len(layer._load_state_dict_post_hooks) == 0
+
+
+def test_deepcopy_of_a_cached_module_starts_without_a_cache(cache):
+    layer = _layer()
+    _warm(layer)
+    layer.received.clear()  # the stand-in's record holds graph tensors, which deepcopy refuses
+    assert layer.__dict__[wc.ENTRY_ATTR].connected is not None
+    twin = copy.deepcopy(layer)
+    assert twin.__dict__.get(wc.ENTRY_ATTR) is None
+    with torch.no_grad():
+        twin.weight0.mul_(2)
+    twin(_x(10, 0), SPLITS[0])
+    _assert_fresh(twin.received[-1], _experts(twin))
+
+
+def test_block_size_change_requantizes(cache, monkeypatch):
+    layer = _layer()
+    _warm(layer)
+    original = TEGroupedLinearStandIn._get_weight_tensors
+    monkeypatch.setattr(MegatronTEGroupedLinear, "_get_weight_tensors",
+                        lambda self: wc.fake_weights(self, original(self), 16))
+    layer(_x(10, 0), SPLITS[0])
+    for got, w in zip(layer.received[-1], _experts(layer)):
+        assert torch.equal(_bits(got), _bits(mxfp4.fake_quantize(w.detach(), 16)))
+
+
+def test_check_runs_on_every_quantization_and_never_on_a_hit(cache):
+    layer = _layer()
+    checked = []
+    ws = _experts(layer)
+    layer.__dict__[wc.FLAG_ATTR] = False
+    for _ in range(3):
+        wc.fake_weights(layer, ws, BLOCK, check=lambda m, w, b: checked.append(b))
+    layer.__dict__[wc.FLAG_ATTR] = None
+    wc.fake_weights(layer, ws, BLOCK, check=lambda m, w, b: checked.append(b))
+    assert checked == [BLOCK, BLOCK]
+    with pytest.raises(RuntimeError, match="refused"):
+        wc.fake_weights(layer, ws, BLOCK, check=lambda m, w, b: (_ for _ in ()).throw(RuntimeError("refused")))

@@ -48,10 +48,7 @@ _recorder = Recorder()
 
 def due() -> bool:
     """Whether the step in progress is a logging step (cheap: call it on every forward)."""
-    r = _recorder
-    if not r.started:
-        r.start()
-    return r.is_due
+    return _recorder.due()
 
 
 def observe(module, master_weights, block_size: int, label: str | None = None) -> None:

@@ -1,20 +1,26 @@
 """The step clock and the per-step state behind :mod:`megatron_qat.metrics`.
 
-A *step* is one training iteration. It ends when an optimizer steps: torch's global optimizer
-step post-hook, counting ONE optimizer (the first one seen stepping, weakly referenced; when it is
-gone the next one to step takes its place), so that Megatron's ``ChainedOptimizer`` (dense + expert
-optimizers) ends one step, not two. ``step`` is the 0-based number of the iteration in progress:
+A *step* is one training iteration. ``step`` is the 0-based number of the iteration in progress.
+It ends when an optimizer steps: torch's global optimizer step post-hook, counting ONE optimizer
+(the first one seen stepping, weakly referenced; when it is gone the next one to step takes its
+place), so that Megatron's ``ChainedOptimizer`` (dense + expert optimizers) ends one step, not two.
 
-- it starts at Megatron's ``args.iteration`` (the resumed iteration) when Megatron args are set, else 0;
-- at each step end it becomes ``max(step + 1, args.curr_iteration + 1)``, so iterations Megatron
-  counts without an optimizer step (skipped on fp16 overflow, ``--iterations-to-skip``) keep the
-  two clocks aligned;
+- It starts at Megatron's ``args.iteration`` (the resumed iteration) when Megatron args are set,
+  else 0, and advances by one at each step end.
+- Megatron's ``args.curr_iteration`` (set by its training loop before each ``train_step``) is
+  followed whenever it changes, at the next forward or step end, so iterations Megatron counts
+  without an optimizer step (fp16 overflow, ``--iterations-to-skip``) keep the two clocks aligned.
+  A value that never changes (a framework that does not maintain it) is ignored. The statistics
+  of a logging iteration whose optimizer step was skipped are dropped, not published late.
 - :func:`megatron_qat.metrics.step_end` ends a step by hand (an RL worker with no optimizer) and
   :func:`megatron_qat.metrics.set_step` sets the number.
 
+Every rank takes the same publish decision from the same clock, so the collectives of
+:mod:`.reduction` (run at step end, never from a forward) match across the group.
+
 A step is a logging step when ``interval > 0 and (step + 1) % interval == 0``: the same iterations at
 which Megatron's ``training_log`` writes (``iteration % log_interval == 0`` after the increment).
-The answer is computed once per step, so :func:`due` is one attribute read.
+The answer is computed once per step, so :func:`due` is an attribute read (plus, under Megatron, one\ncomparison with ``args.curr_iteration``).
 
 Within a logging step each module is measured once (its first forward: micro-batches, activation
 recompute and no-grad log-prob passes see the same master weights). At the step's end the pending
@@ -41,6 +47,9 @@ class Recorder:
         self.step = 0
         self.is_due = False
         self.pending: dict[str, LocalStats] = {}
+        self.pending_step: int | None = None
+        self._args = None  # Megatron's args Namespace, when set
+        self._seen_iteration: int | None = None
         self._observed: set[int] = set()
         self._labeller = Labeller()
         self._subscribers: dict[int, Callable] = {}
@@ -62,12 +71,22 @@ class Recorder:
         if self.started:
             return
         self.interval = megatron_env.resolve_interval()
+        self._args = megatron_env.megatron_args()
         resumed = megatron_env.megatron_iteration("iteration")
         self.step = resumed if resumed is not None else 0
         self.started = True
         if self.interval > 0:
             self._install_hook()
         self._update_due()
+        self.sync_megatron()
+
+    def sync_megatron(self) -> None:
+        """Follow ``args.curr_iteration`` when it has changed since last seen."""
+        current = getattr(self._args, "curr_iteration", None)
+        if current != self._seen_iteration and isinstance(current, int) and not isinstance(current, bool):
+            self._seen_iteration = current
+            if current != self.step:
+                self._move_to(current)
 
     def _install_hook(self) -> None:
         if self._hook is None:
@@ -94,27 +113,38 @@ class Recorder:
     def step_end(self) -> None:
         """End the step in progress: publish it if it is a logging step, then advance the clock."""
         self.start()
+        if self._args is None:
+            self._args = megatron_env.megatron_args()  # set after the first forward
+        self.sync_megatron()
         if self.is_due:
             self.flush()
-        following = self.step + 1
-        current = megatron_env.megatron_iteration("curr_iteration")
-        if current is not None:
-            following = max(following, current + 1)
-        self.set_step(following)
+        self._move_to(self.step + 1)
 
     def set_step(self, step: int) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"megatron_qat.metrics.set_step: step must be a non-negative int, got {step!r}")
         self.start()
+        self._move_to(step)
+
+    def _move_to(self, step: int) -> None:
         self.step = step
         self._observed.clear()
         self._update_due()
+
+    def due(self) -> bool:
+        if not self.started:
+            self.start()
+        if self._args is not None and getattr(self._args, "curr_iteration", None) != self._seen_iteration:
+            self.sync_megatron()
+        return self.is_due
 
     # -- measuring -----------------------------------------------------------------------------
     def observe(self, module, master_weights, block_size: int, label: str | None = None) -> None:
         if not self.is_due or id(module) in self._observed:
             return
         self._observed.add(id(module))
+        if self.pending_step != self.step:
+            self.pending, self.pending_step = {}, self.step  # a logging step that never ended: dropped
         name = self._labeller.label_of(module, label)
         weights = list(master_weights)
         ids = expert_ids(module, len(split_experts(weights)))
@@ -125,7 +155,8 @@ class Recorder:
     # -- publishing ----------------------------------------------------------------------------
     def flush(self) -> dict[str, float]:
         """Reduce and publish the pending statistics (a collective over the reduction group)."""
-        pending, self.pending = self.pending, {}
+        pending = self.pending if self.pending_step == self.step else {}
+        self.pending = {}
         raw = reduce(pending, reduction_group())
         step = self.step + 1
         self._warn_nonfinite(pending, raw, step)

@@ -1,0 +1,147 @@
+"""megatron_qat.metrics values on CPU: the statistics pass follows the numerics reference bit for bit,
+and every statistic equals an independent float64 computation on the adversarial input families.
+
+The float64 side uses tests/scalar_oracle.py (per-element Python floats: frexp scale exponent,
+nearest-value E2M1 search with ties to the even code), so it shares no code with the pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import scalar_oracle
+from megatron_qat.metrics import block_stats
+from megatron_qat.metrics.reduction import reduce, scalars
+from megatron_qat.numerics import families
+from megatron_qat.numerics.format import INT_VIEW_DTYPES, pack_nibbles
+from megatron_qat.numerics.reference import fake_quantize_reference, quantize_reference
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SHAPE = (2, 4, 64)  # 2 experts [4, 64]: 16 blocks of 32
+TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", families.ALL_FAMILIES)
+def test_pass_follows_the_reference_bit_for_bit(family, dtype):
+    x = families.make(family, (8, 64), dtype, seed=3)
+    codes, byte, finite, _, fake = block_stats.quantize_for_stats(x, 32)
+    ref_fake = fake_quantize_reference(x, 32).reshape(fake.shape)
+    ints = INT_VIEW_DTYPES[dtype]
+    keep = finite.unsqueeze(-1).expand(fake.shape)
+    assert torch.equal(fake.view(ints)[keep], ref_fake.view(ints)[keep])
+    if bool(finite.all()):
+        ref_codes, ref_scales = quantize_reference(x, 32)
+        assert torch.equal(pack_nibbles(codes.reshape(8, 64)), ref_codes)
+        assert torch.equal(byte.to(torch.uint8), ref_scales)
+    else:  # the reference writes NaN for every element of a non-finite block
+        assert bool(torch.isnan(ref_fake.float())[~keep].all())
+
+
+def _expected(x: torch.Tensor, block_size: int = 32) -> dict:
+    """The raw sums of ``x [E, R, K]`` in float64 Python, from the scalar oracle."""
+    rows = x.reshape(-1, x.shape[-1])
+    x32 = rows.float().numpy()
+    out = dict.fromkeys(block_stats.COUNT_FIELDS, 0)
+    out.update(sq_err=0.0, sq_master=0.0, hist=[0] * 256)
+    for r in range(x32.shape[0]):
+        for b in range(x32.shape[1] // block_size):
+            blk = x32[r, b * block_size : (b + 1) * block_size].astype(np.float64)
+            if not np.isfinite(blk).all():
+                out["nonfinite_blocks"] += 1
+                continue
+            codes, byte = scalar_oracle.quantize_block([float(v) for v in blk])
+            out["finite_blocks"] += 1
+            out["finite_elements"] += block_size
+            out["hist"][byte] += 1
+            if byte == 0:
+                out["flushed_blocks"] += 1
+                out["flushed_nonzero_blocks"] += int(np.abs(blk).max() > 0)
+            mult = 0.0 if byte == 0 else 2.0 ** (127 - byte)
+            fake = torch.tensor(
+                [math.copysign(scalar_oracle.MAGNITUDES[c & 7], -1.0 if c & 8 else 1.0) * 2.0 ** (byte - 127) for c in codes],
+                dtype=torch.float64,
+            ).to(x.dtype).double().numpy()
+            for v, c, f in zip(blk, codes, fake):
+                scaled = 0.0 if abs(v) < scalar_oracle.TINY else v * mult
+                out["ties"] += int(abs(scaled) in TIES)
+                out["at_max"] += int((c & 7) == 7)
+                out["sq_err"] += (f - v) ** 2
+                out["sq_master"] += v * v
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", families.ALL_FAMILIES)
+def test_statistics_equal_a_float64_computation(family, dtype):
+    x = families.make(family, SHAPE, dtype, seed=5)
+    stats = block_stats.measure([x[0], x[1]], 32)
+    got = reduce({"layer_1/fc1": stats})["layer_1/fc1"]
+    want = _expected(x)
+    for field in block_stats.COUNT_FIELDS + ("hist",):
+        assert got[field] == want[field], field
+    assert got["sq_master"] == pytest.approx(want["sq_master"], rel=1e-12, abs=0.0)
+    assert got["sq_err"] == pytest.approx(want["sq_err"], rel=1e-12, abs=0.0)
+    assert stats.nonfinite_per_expert.sum().item() == want["nonfinite_blocks"]
+
+
+def test_scalars_from_raw_sums():
+    raw = dict.fromkeys(block_stats.COUNT_FIELDS, 0)
+    raw.update(finite_blocks=4, finite_elements=128, flushed_blocks=1, flushed_nonzero_blocks=1, at_max=8, ties=2,
+               nonfinite_blocks=3, sq_err=1.0, sq_master=100.0, hist=[0] * 256)
+    raw["hist"][120], raw["hist"][125], raw["hist"][127] = 1, 2, 1  # sorted: 120 125 125 127
+    assert scalars(raw) == {
+        "rel_rmse": 0.1,
+        "flushed_block_frac": 0.25,
+        "flushed_nonzero_blocks": 1.0,
+        "e2m1_max_frac": 8 / 128,
+        "tie_frac": 2 / 128,
+        "nonfinite_blocks": 3.0,
+        "scale_byte_min": 120.0,
+        "scale_byte_median": 125.0,
+        "scale_byte_max": 127.0,
+    }
+    raw.update(finite_blocks=0, finite_elements=0, sq_err=0.0, sq_master=0.0, hist=[0] * 256)
+    s = scalars(raw)  # all blocks non-finite: no scale distribution, no division by zero
+    assert s["rel_rmse"] == 0.0 and "scale_byte_median" not in s
+
+
+def test_grouped_weight_list_and_row_chunks_agree(monkeypatch):
+    x = families.make("random_extreme", (3, 8, 64), torch.bfloat16, seed=1)
+    whole = reduce({"a": block_stats.measure([x], 32)})["a"]
+    listed = reduce({"a": block_stats.measure(list(x.unbind(0)), 32)})["a"]
+    monkeypatch.setattr(block_stats, "_CHUNK_ELEMENTS", 64)  # one row per chunk
+    chunked = reduce({"a": block_stats.measure([x], 32)})["a"]
+    assert whole == listed
+    assert whole["hist"] == chunked["hist"] and all(whole[f] == chunked[f] for f in block_stats.COUNT_FIELDS)
+    assert chunked["sq_err"] == pytest.approx(whole["sq_err"], rel=1e-12)
+
+
+def test_per_expert_nonfinite_counts_and_ids():
+    x = torch.randn(3, 4, 64)
+    x[1, 2, 5] = float("nan")
+    x[1, 0, 40] = float("inf")
+    stats = block_stats.measure(list(x.unbind(0)), 32, expert_ids=(6, 7, 8))
+    assert stats.nonfinite_per_expert.tolist() == [0, 2, 0] and stats.expert_ids == (6, 7, 8)
+
+
+def test_bad_weights_are_refused_with_the_shape():
+    with pytest.raises(ValueError, match=r"shape \(4, 48\).*block size 32"):
+        block_stats.measure([torch.zeros(4, 48)], 32)
+    with pytest.raises(ValueError, match="2 expert weights but 1 expert ids"):
+        block_stats.measure([torch.zeros(4, 32), torch.zeros(4, 32)], 32, expert_ids=(0,))
+
+
+def test_flushed_nonzero_block_is_counted():
+    """A block whose amax * RN(1/6) is subnormal gets scale byte 0: flushed, its values lost."""
+    x = torch.zeros(1, 64)
+    x[0, 3] = 2.0**-125  # normal, but 2**-125 / 6 < 2**-126: byte 0, fake value 0
+    x[0, 40] = 1.0  # second block healthy
+    raw = reduce({"a": block_stats.measure([x], 32)})["a"]
+    assert (raw["flushed_blocks"], raw["flushed_nonzero_blocks"], raw["hist"][0]) == (1, 1, 1)
+    assert raw["sq_err"] == pytest.approx((2.0**-125) ** 2, rel=1e-12)
+    assert raw == _expected(x.reshape(1, 1, 64)) | {"sq_err": raw["sq_err"], "sq_master": raw["sq_master"]}

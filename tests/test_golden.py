@@ -10,7 +10,7 @@ import torch
 
 from megatron_qat import mxfp4
 from megatron_qat.parity import golden
-from megatron_qat.parity.synthetic import synthetic_tensors
+from megatron_qat.numerics.families import synthetic_tensors
 
 SYNTHETIC = dict(synthetic_tensors())
 
@@ -104,7 +104,7 @@ def test_golden_matches_on_random_wide_range(dtype):
 
 def test_a_broken_golden_is_caught():
     """Mutation check: a golden that rounds ties away from zero disagrees with mxfp4 on the tie family."""
-    x = SYNTHETIC["synthetic/bf16/tie_points_x_2^k"]
+    x = SYNTHETIC["synthetic/bf16/ties"]
     flat = np.minimum(np.abs(x.float().numpy()), 6.0)
     up = np.searchsorted(golden.TABLE, flat)  # always the upper neighbour: not RNE
     assert not np.array_equal(up, golden.nearest_e2m1(flat))

@@ -7,7 +7,7 @@ import sys
 from megatron_qat import cli
 from megatron_qat.parity import main
 from megatron_qat.parity.report import SCHEMA
-from megatron_qat.parity.synthetic import FAMILIES
+from megatron_qat.numerics.families import SYNTHETIC_CASES as FAMILIES
 
 TENSOR_KEYS = {
     "name": (str,), "file": (str, type(None)), "shape": (list,), "dtype": (str,), "numel": (int,), "status": (str,),
@@ -27,7 +27,7 @@ def test_default_run_is_synthetic_and_passes_with_schema(tmp_path, capsys):
     path = tmp_path / "r.json"
     assert main(["--quiet", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1].startswith("PARITY OK: 20 tensors")
+    assert out.strip().splitlines()[-1].startswith(f"PARITY OK: {2 * len(FAMILIES)} tensors")
     doc = json.loads(path.read_text())
     assert set(doc) == {"schema", "tool_version", "status", "exit_code", "sources", "include", "block_size", "options", "reference", "ours", "totals", "notes", "tensors"}
     assert (doc["schema"], doc["status"], doc["exit_code"], doc["sources"], doc["block_size"]) == (SCHEMA, "equal", 0, ["synthetic"], 32)

@@ -11,7 +11,7 @@ from megatron_qat.parity import golden
 from megatron_qat.parity import references as refs
 from megatron_qat.parity.compare import BatchInput, TensorResult, compare_batch
 from megatron_qat.parity.errors import ParityError
-from megatron_qat.parity.synthetic import synthetic_tensors
+from megatron_qat.numerics.families import synthetic_tensors
 
 
 def _fake_flashinfer(garbage=False):
@@ -47,7 +47,7 @@ def test_adapter_reshapes_padded_scales_and_canary_passes():
 def test_negative_zero_normalised_against_plus_zero_decode():
     from megatron_qat.parity.references import Ours
 
-    x = dict(synthetic_tensors())["synthetic/bf16/zeros_and_neg_zero"]
+    x = dict(synthetic_tensors())["synthetic/bf16/zeros_negzero"]
     fi = refs.FlashInferReference(_fake_flashinfer(), "cpu", "test")
     ours = Ours("cpu", None).run(x)
     r = TensorResult("t", None, list(x.shape), "bfloat16", x.numel())

@@ -14,10 +14,10 @@ from megatron_qat.kernels import triton_qdq  # noqa: E402
 from megatron_qat.numerics.families import (  # noqa: E402
     ALL_FAMILIES,
     FINITE_FAMILIES,
-    canonical_nan_bits,
     compare_bits,
     make,
 )
+from megatron_qat.numerics.format import CANONICAL_NAN_BITS  # noqa: E402
 from megatron_qat.numerics.reference import fake_quantize_reference, quantize_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,8 +63,8 @@ def test_nonfinite_blocks_are_all_canonical_nan_and_others_untouched(dtype):
     out = triton_qdq.fake_quantize(x.to(DEVICE)).cpu()
     bits = out.view(torch.int32 if dtype == torch.float32 else torch.int16).to(torch.int64)
     mask = (1 << (8 * out.element_size())) - 1
-    assert bool(((bits[0, 32:64] & mask) == canonical_nan_bits(dtype)).all())
-    assert bool(((bits[1, 64:96] & mask) == canonical_nan_bits(dtype)).all())
+    assert bool(((bits[0, 32:64] & mask) == CANONICAL_NAN_BITS[dtype]).all())
+    assert bool(((bits[1, 64:96] & mask) == CANONICAL_NAN_BITS[dtype]).all())
     finite = torch.ones_like(out, dtype=torch.bool)
     finite[0, 32:64] = False
     finite[1, 64:96] = False
@@ -121,11 +121,22 @@ def test_multi_program_grid_and_tail():
     assert compare_bits(out, fake_quantize_reference(x)) is None
 
 
-def test_empty_tensor():
-    x = torch.empty(0, 64, dtype=torch.bfloat16, device=DEVICE)
-    assert triton_qdq.fake_quantize(x).shape == (0, 64)
+@pytest.mark.parametrize("shape", [(0, 64), (4, 0), (0, 0), (2, 0, 64), (3, 2, 0)], ids=str)
+def test_empty_tensors_agree_with_the_reference(shape):
+    """Issue 8: quantize(torch.empty(4, 0)) crashed in the reference and worked here; both now give
+    empty codes [..., K//2], scales [..., K//32] and an empty fake-quant tensor of x's shape."""
+    x = torch.empty(shape, dtype=torch.bfloat16, device=DEVICE)
+    k = shape[-1]
+    out, ref = triton_qdq.fake_quantize(x), fake_quantize_reference(x)
+    assert out.shape == ref.shape == shape and out.dtype == ref.dtype == x.dtype
     codes, scales = triton_qdq.quantize(x)
-    assert codes.shape == (0, 32) and scales.shape == (0, 2)
+    ref_codes, ref_scales = quantize_reference(x)
+    assert codes.shape == ref_codes.shape == (*shape[:-1], k // 2)
+    assert scales.shape == ref_scales.shape == (*shape[:-1], k // 32)
+    assert codes.dtype == scales.dtype == ref_codes.dtype == ref_scales.dtype == torch.uint8
+    for (c, s), (rc, rs) in zip(triton_qdq.quantize_many([x, x]), [(ref_codes, ref_scales)] * 2):
+        assert c.shape == rc.shape and s.shape == rs.shape
+    assert [t.shape for t in triton_qdq.fake_quantize_many([x, x])] == [shape, shape]
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
@@ -167,9 +178,24 @@ def test_bad_inputs_raise_clear_errors():
         triton_qdq.quantize(x)
 
 
-def test_grouped_table_is_cached_for_persistent_weights():
+def test_no_global_table_cache():
+    """Issue 9: the 64-entry global LRU is gone; a plain call keeps nothing after it returns."""
+    assert not any(isinstance(v, dict) and "CACHE" in k.upper() for k, v in vars(triton_qdq).items())
+    assert not hasattr(triton_qdq, "_TABLE_CACHE")
+
+
+def test_table_slot_keeps_one_entry_and_rebuilds_only_on_change():
     xs = [_x("random_1", (4, 64), torch.bfloat16, seed=s) for s in range(3)]
-    triton_qdq.fake_quantize_many(xs)
-    key_count = len(triton_qdq._TABLE_CACHE)
-    triton_qdq.fake_quantize_many(xs)
-    assert len(triton_qdq._TABLE_CACHE) == key_count
+    slot = triton_qdq.GroupTableSlot()
+    first = triton_qdq.fake_quantize_many(xs, tables=slot)
+    table = slot.current
+    again = triton_qdq.fake_quantize_many(xs, tables=slot)
+    assert slot.builds == 1 and slot.current is table
+    assert all(compare_bits(a, b) is None for a, b in zip(first, again))
+    moved = [x.clone() for x in xs]  # new storages: new data_ptrs
+    triton_qdq.fake_quantize_many(moved, tables=slot)
+    assert slot.builds == 2 and slot.current is not table and slot.graph_tables == []
+    grown = moved[:2] + [_x("random_1", (8, 64), torch.bfloat16)]  # a size changed
+    for out, x in zip(triton_qdq.fake_quantize_many(grown, tables=slot), grown):
+        assert compare_bits(out, fake_quantize_reference(x)) is None
+    assert slot.builds == 3

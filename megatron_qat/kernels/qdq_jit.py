@@ -18,20 +18,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..numerics import constants
+
 # Input / output element encodings (host passes bf16 as an int16 view, fp32 as an int32 view).
 KIND_BF16 = 0
 KIND_FP16 = 1
 KIND_FP32 = 2
 
-# float32 bit patterns (tl.constexpr: compiled kernels may read only constexpr globals).
-RCP_SIX_BITS = tl.constexpr(0x3E2AAAAB)  # RN(1/6) = rcp.approx.ftz(6.0) on sm_90
-INF_BITS = tl.constexpr(0x7F800000)
-SUB_HALF_BITS = tl.constexpr(0x00400000)  # 2**-127 (subnormal), the only reachable-in-principle subnormal value
-SIGN32 = tl.constexpr(-(2**31))
+# tl.constexpr wrappers of the one definition in megatron_qat.numerics.constants (compiled kernels
+# may read only constexpr globals).
+RCP_SIX_BITS = tl.constexpr(constants.RCP_SIX_BITS)  # RN(1/6) = rcp.approx.ftz(6.0) on sm_90
 # Canonical quiet NaN written for non-finite blocks (see docs/kernel.md, "NaN bits").
-NAN_BF16 = tl.constexpr(0x7FC0)
-NAN_FP16 = tl.constexpr(0x7E00)
-NAN_FP32 = tl.constexpr(0x7FC00000)
+NAN_BF16 = tl.constexpr(constants.NAN_BITS_BF16)
+NAN_FP16 = tl.constexpr(constants.NAN_BITS_FP16)
+NAN_FP32 = tl.constexpr(constants.NAN_BITS_FP32)
+# float32 field masks (IEEE 754 layout, not MXFP4 facts).
+INF_BITS = tl.constexpr(0x7F800000)
+SIGN32 = tl.constexpr(-(2**31))
 
 
 @triton.jit

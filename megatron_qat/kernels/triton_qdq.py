@@ -10,7 +10,9 @@ Entry points (same contracts as :func:`megatron_qat.mxfp4.quantize` / ``fake_qua
   (like the reference; this check synchronises with the host, quantize is not a hot path).
 - :func:`fake_quantize_many` a list of tensors (e.g. the per-expert weights of a TEGroupedLinear)
   in ONE launch. All tensors share one dtype and device; shapes may differ freely (rows, K and
-  rank), each with ``K % block_size == 0``. The outputs are views into one flat buffer.
+  rank), each with ``K % block_size == 0``. The outputs are views into one flat buffer. The launch
+  reads a per-program pointer table (:class:`GroupTable`); a :class:`GroupTableSlot` owned by the
+  caller keeps it across calls (no global cache: the table lives with the module that owns it).
 - :func:`quantize_many` the same for codes and scales (weight export).
 
 Non-contiguous inputs are copied to a contiguous tensor first (one extra read and write); the
@@ -23,13 +25,10 @@ module is first imported, on CPU tensors in Triton's interpreter (CI).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import triton
 
-from ..numerics.format import check_block_size, check_input
-from ..numerics.reference import _raise_if_nonfinite
+from ..numerics.format import check_block_size, check_finite, check_group, check_input
 from . import qdq_jit
 
 # Launch heuristic: about this many elements per program (8 KiB of bf16 in flight per program).
@@ -37,8 +36,6 @@ ELEMS_PER_PROGRAM = 4096
 NUM_WARPS = 4
 
 _KIND = {torch.bfloat16: qdq_jit.KIND_BF16, torch.float16: qdq_jit.KIND_FP16, torch.float32: qdq_jit.KIND_FP32}
-_TABLE_CACHE: OrderedDict = OrderedDict()
-_TABLE_CACHE_SIZE = 64
 
 
 def launch_config(n_blocks: int, block_size: int, elems_per_program: int | None = None) -> tuple[int, int]:
@@ -120,23 +117,62 @@ def quantize(x: torch.Tensor, block_size: int = 32, **launch) -> tuple[torch.Ten
     """Packed E2M1 codes and E8M0 scale bytes of ``x``; raises ValueError on non-finite input."""
     check_block_size(block_size)
     xc = _check_tensor(x, block_size, "x")
-    _raise_if_nonfinite(xc)
+    check_finite(xc)
     _, codes, scales = _run_single(xc, block_size, False, True, **launch)
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
     return codes.view(*lead, k // 2), scales.view(*lead, k // block_size)
 
 
-def _group_table(xs: list[torch.Tensor], block_size: int, nb: int) -> tuple[torch.Tensor, int, int, int]:
-    """(int64 table on the device, index of the lowest-address tensor, element alignment of the
-    input offsets, number of programs); cached per (pointers, sizes) so that persistent expert
-    weights cost no host->device copy after the first call."""
+class GroupTable:
+    """The int64 pointer table of one grouped launch over a fixed list of tensors.
+
+    ``table`` (on the tensors' device) holds three numbers per program: element offset of its first
+    input from the lowest-addressed tensor ``xs[base_index]``, index of its first block in the flat
+    outputs, number of valid blocks. ``align`` is the element alignment of the input offsets.
+    ``key`` is what the table depends on (device, dtype, block size, blocks per program, every
+    ``data_ptr`` and ``numel``). ``captured`` becomes True once a CUDA graph captured a launch that
+    reads this table (it must then outlive that graph).
+    """
+
+    __slots__ = ("key", "table", "base_index", "align", "n_programs", "captured")
+
+    def __init__(self, key, table, base_index, align, n_programs):
+        self.key, self.table, self.base_index, self.align, self.n_programs = key, table, base_index, align, n_programs
+        self.captured = False
+
+
+def _table_key(xs: list[torch.Tensor], block_size: int, nb: int) -> tuple:
+    return (xs[0].device, xs[0].dtype, block_size, nb, tuple(t.data_ptr() for t in xs), tuple(t.numel() for t in xs))
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+PER_CALL_CAPTURE_ERROR = (
+    "fake_quantize_many without a GroupedFakeQuantizer builds its grouped-kernel pointer table on every "
+    "call, which needs a pinned allocation and a host-to-device copy: not allowed during CUDA graph "
+    "capture. Use megatron_qat.mxfp4.GroupedFakeQuantizer (one per module) and run one eager call "
+    "(warm-up) with the same tensors before capturing"
+)
+SLOT_CAPTURE_ERROR = (
+    "GroupedFakeQuantizer: the grouped-kernel pointer table of these {n} tensors must be (re)built "
+    "(first call, or their data_ptr / size / dtype / device changed; a non-contiguous tensor is "
+    "copied on every call, so its pointer always changes), which needs a pinned allocation and a "
+    "host-to-device copy: not allowed during CUDA graph capture. Run one eager forward (warm-up) "
+    "with the same contiguous weights before capturing"
+)
+
+
+def build_group_table(xs: list[torch.Tensor], block_size: int, nb: int, *, capture_error: str) -> GroupTable:
+    """Build the :class:`GroupTable` of ``xs`` (one dtype and device, contiguous, ``numel > 0`` in
+    all). On CUDA it is one pinned, non-blocking host-to-device copy (no host sync); during a CUDA
+    graph capture it raises RuntimeError(``capture_error``) instead, before allocating anything."""
+    if _capturing(xs[0]):
+        raise RuntimeError(capture_error)
+    key = _table_key(xs, block_size, nb)
     esize = xs[0].element_size()
-    ptrs = [t.data_ptr() for t in xs]
-    key = (xs[0].device, xs[0].dtype, block_size, nb, tuple(ptrs), tuple(t.numel() for t in xs))
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return hit
+    ptrs = key[4]
     base_index = min(range(len(xs)), key=lambda i: ptrs[i])
     base = ptrs[base_index]
     blocks = torch.tensor([t.numel() // block_size for t in xs], dtype=torch.int64)
@@ -151,37 +187,48 @@ def _group_table(xs: list[torch.Tensor], block_size: int, nb: int) -> tuple[torc
     )
     aligned = all(p % 16 == 0 for p in ptrs)
     align = max(1, 16 // esize) if aligned else 1
-    host = rows.reshape(-1).contiguous()
+    table = rows.reshape(-1).contiguous()
     if xs[0].device.type == "cuda":
-        host = host.pin_memory()
-        table = host.to(xs[0].device, non_blocking=True)  # no host sync
-    else:
-        table = host
-    value = (table, base_index, align, rows.shape[0])
-    _TABLE_CACHE[key] = value
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return value
+        table = table.pin_memory().to(xs[0].device, non_blocking=True)  # no host sync
+    return GroupTable(key, table, base_index, align, rows.shape[0])
+
+
+class GroupTableSlot:
+    """The current :class:`GroupTable` of one fixed list of tensors (the expert weights of one
+    module); :class:`megatron_qat.mxfp4.GroupedFakeQuantizer` owns one.
+
+    :meth:`get` returns the held table while its key (pointers, sizes, dtype, device, launch shape)
+    is unchanged, so persistent weights cost no host-to-device copy after the first call; a changed
+    key rebuilds it (never during a CUDA graph capture: RuntimeError). Only the current entry is
+    kept, except tables read by a captured CUDA graph: those stay alive as long as the slot (the
+    graph may be replayed after the weights moved), in ``graph_tables``. ``builds`` counts rebuilds.
+    """
+
+    def __init__(self):
+        self.current: GroupTable | None = None
+        self.graph_tables: list[GroupTable] = []
+        self.builds = 0
+
+    def get(self, xs: list[torch.Tensor], block_size: int, nb: int) -> GroupTable:
+        cur = self.current
+        capturing = _capturing(xs[0])
+        if cur is not None and cur.key == _table_key(xs, block_size, nb):
+            cur.captured = cur.captured or capturing
+            return cur
+        new = build_group_table(xs, block_size, nb, capture_error=SLOT_CAPTURE_ERROR.format(n=len(xs)))
+        if cur is not None and cur.captured:
+            self.graph_tables.append(cur)
+        self.current = new
+        self.builds += 1
+        return new
 
 
 def _check_group(xs, block_size: int) -> list[torch.Tensor]:
-    xs = list(xs)
-    if not xs:
-        return xs
-    first = xs[0]
-    out = []
-    for i, t in enumerate(xs):
-        name = f"xs[{i}]"
-        if isinstance(t, torch.Tensor) and (t.dtype != first.dtype or t.device != first.device):
-            raise ValueError(
-                f"{name} is {t.dtype} on {t.device} but xs[0] is {first.dtype} on {first.device}; "
-                "the grouped MXFP4 kernel needs one dtype and one device for the whole list"
-            )
-        out.append(_check_tensor(t, block_size, name))
-    return out
+    """Validated, contiguous members of ``xs`` (non-contiguous ones are copied)."""
+    return [_check_tensor(t, block_size, f"xs[{i}]") for i, t in enumerate(check_group(xs, block_size))]
 
 
-def _run_grouped(xs, block_size, write_values, write_codes, *, elems_per_program=None, num_warps=None):
+def _run_grouped(xs, block_size, write_values, write_codes, *, tables=None, elems_per_program=None, num_warps=None):
     total = sum(t.numel() for t in xs)
     dev, dtype = xs[0].device, xs[0].dtype
     flat_out = torch.empty(total, dtype=dtype, device=dev) if write_values else None
@@ -189,51 +236,70 @@ def _run_grouped(xs, block_size, write_values, write_codes, *, elems_per_program
     flat_scales = torch.empty(total // block_size, dtype=torch.uint8, device=dev) if write_codes else None
     if total:
         nb, bs_p2 = launch_config(max(t.numel() for t in xs) // block_size, block_size, elems_per_program)
-        table, base_index, align, n_programs = _group_table(xs, block_size, nb)
-        base = _kernel_view(xs[base_index])
+        live = [t for t in xs if t.numel()]  # empty members have no program and no pointer to track
+        if tables is None:
+            gt = build_group_table(live, block_size, nb, capture_error=PER_CALL_CAPTURE_ERROR)
+        else:
+            gt = tables.get(live, block_size, nb)
+        base = _kernel_view(live[gt.base_index])
         ov = _bits_view(flat_out) if write_values else base
         with _device_ctx(xs[0]):
-            qdq_jit.qdq_grouped_kernel[(n_programs,)](
-                base, table, ov, flat_codes if write_codes else base, flat_scales if write_codes else base,
-                KIND=_KIND[dtype], BS=block_size, BS_P2=bs_p2, NB=nb, IN_ALIGN=align,
+            qdq_jit.qdq_grouped_kernel[(gt.n_programs,)](
+                base, gt.table, ov, flat_codes if write_codes else base, flat_scales if write_codes else base,
+                KIND=_KIND[dtype], BS=block_size, BS_P2=bs_p2, NB=nb, IN_ALIGN=gt.align,
                 WRITE_VALUES=write_values, WRITE_CODES=write_codes, num_warps=num_warps or NUM_WARPS,
             )  # fmt: skip
     return flat_out, flat_codes, flat_scales
 
 
-def _split(flat: torch.Tensor, shapes, per_elem_num: int, per_elem_den: int) -> list[torch.Tensor]:
+def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """Consecutive views of ``flat`` with the given shapes."""
     shapes = [tuple(s) for s in shapes]
     if len(set(shapes)) == 1:  # every expert alike (the usual case): one view, one unbind
         return list(flat.view(len(shapes), *shapes[0]).unbind(0))
     views, start = [], 0
     for shape in shapes:
-        n = (torch.Size(shape).numel() * per_elem_num) // per_elem_den
+        n = torch.Size(shape).numel()
         views.append(flat[start : start + n].view(shape))
         start += n
     return views
 
 
-def fake_quantize_many(xs, block_size: int = 32, **launch) -> list[torch.Tensor]:
-    """:func:`fake_quantize` of every tensor of ``xs`` in one kernel launch (host-sync free)."""
+def fake_quantize_many_flat(
+    xs, block_size: int = 32, *, tables: GroupTableSlot | None = None, **launch
+) -> torch.Tensor:
+    """:func:`fake_quantize` of every tensor of ``xs`` in one kernel launch (host-sync free), as ONE
+    flat tensor: the outputs' elements in order (``xs[0]`` first). ``xs`` must not be empty.
+
+    ``tables``: the caller's :class:`GroupTableSlot` for this list (kept across calls, e.g. by a
+    GroupedFakeQuantizer); without it the pointer table is built for this call only (a pinned
+    host-to-device copy each call; refused during CUDA graph capture)."""
     check_block_size(block_size)
-    originals = list(xs)
-    xs = _check_group(originals, block_size)
+    xs = _check_group(xs, block_size)
     if not xs:
+        raise ValueError("fake_quantize_many_flat: xs is empty (its dtype and device are unknown)")
+    flat_out, _, _ = _run_grouped(xs, block_size, True, False, tables=tables, **launch)
+    return flat_out
+
+
+def fake_quantize_many(xs, block_size: int = 32, *, tables: GroupTableSlot | None = None, **launch) -> list[torch.Tensor]:
+    """:func:`fake_quantize_many_flat` split into views shaped like ``xs`` (``[]`` for ``[]``)."""
+    originals = check_group(xs, block_size)
+    if not originals:
         return []
-    flat_out, _, _ = _run_grouped(xs, block_size, True, False, **launch)
-    return _split(flat_out, [t.shape for t in originals], 1, 1)
+    return _split(fake_quantize_many_flat(originals, block_size, tables=tables, **launch), [t.shape for t in originals])
 
 
 def quantize_many(xs, block_size: int = 32, **launch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`quantize` of every tensor of ``xs`` in one launch; raises ValueError on non-finite input."""
     check_block_size(block_size)
-    originals = list(xs)
+    originals = check_group(xs, block_size)
     xs = _check_group(originals, block_size)
     if not xs:
         return []
     for i, t in enumerate(xs):
-        _raise_if_nonfinite(t, f"xs[{i}]")
+        check_finite(t, f"xs[{i}]")
     _, flat_codes, flat_scales = _run_grouped(xs, block_size, False, True, **launch)
     code_shapes = [(*t.shape[:-1], t.shape[-1] // 2) for t in originals]
     scale_shapes = [(*t.shape[:-1], t.shape[-1] // block_size) for t in originals]
-    return list(zip(_split(flat_codes, code_shapes, 1, 1), _split(flat_scales, scale_shapes, 1, 1)))
+    return list(zip(_split(flat_codes, code_shapes), _split(flat_scales, scale_shapes)))

@@ -1,4 +1,6 @@
-"""MXFP4 numerics, bit-identical to FlashInfer ``fp4_quantize(sf_vec_size=32, sf_use_ue8m0=True)``.
+"""MXFP4 numerics, bit-identical to FlashInfer ``fp4_quantize(sf_vec_size=32, sf_use_ue8m0=True)``:
+the one op/dispatch layer over :mod:`megatron_qat.numerics` (reference) and
+:mod:`megatron_qat.kernels` (Triton).
 
 Public contract (docs/numerics.md states the rule):
 
@@ -6,17 +8,23 @@ Public contract (docs/numerics.md states the rule):
 - :func:`dequantize` ``(codes, scales) -> values``
 - :func:`fake_quantize` quantize -> dequantize in ``x.dtype`` (non-finite blocks come out NaN)
 - :func:`fake_quantize_ste` the same with a straight-through (identity) gradient
+- :func:`fake_quantize_many` / :func:`quantize_many` the same over a list (one launch with the kernel)
+- :class:`GroupedFakeQuantizer` ``fake_quantize_many`` of one module's weights, keeping the
+  kernel's per-launch state with the module
 
 ``impl`` picks the implementation: ``"reference"`` (vectorised PyTorch, any device) or
 ``"triton"`` (fused kernel, CUDA). ``None`` follows ``MEGATRON_QAT_KERNEL`` and otherwise uses the
-kernel on CUDA tensors when it can run there, the reference elsewhere.
+kernel on CUDA tensors when it can run there, the reference elsewhere (:mod:`.dispatch`).
+
+``quantize``, ``fake_quantize``, ``fake_quantize_many`` and ``fake_quantize_ste`` are also
+``torch.library`` custom ops (``torch.ops.megatron_qat.*``, :mod:`.ops`): under ``torch.compile``
+these functions call the ops, so ``fullgraph=True`` traces them without graph breaks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_impl
 from ..numerics.format import (
     DEFAULT_BLOCK_SIZE,
     E2M1_MAGNITUDES,
@@ -27,7 +35,10 @@ from ..numerics.format import (
     pack_nibbles,
     unpack_nibbles,
 )
-from ..numerics.reference import dequantize_reference, fake_quantize_reference, quantize_reference
+from ..numerics.reference import dequantize_reference
+from . import backends, ops
+from .dispatch import resolve_impl
+from .grouped import GroupedFakeQuantizer
 from .ste import fake_quantize_ste
 
 __all__ = [
@@ -40,7 +51,9 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_ste",
     "fake_quantize_many",
+    "quantize_many",
     "GroupedFakeQuantizer",
+    "resolve_impl",
     "e2m1_lut",
     "e8m0_to_float32",
     "pack_nibbles",
@@ -58,14 +71,14 @@ def quantize(x: torch.Tensor, block_size: int = 32, *, impl: str | None = None) 
         ``codes`` uint8 ``[..., K // 2]`` (element 2i in the low nibble, 2i+1 in the high nibble,
         bit 3 of a nibble is the sign) and ``scales`` uint8 ``[..., K // block_size]`` (E8M0,
         bias 127): FlashInfer's ``fp4_quantize(x, None, 32, True, is_sf_swizzled_layout=False)``.
+        An empty ``x`` (zero rows, or ``K = 0``) gives empty codes and scales of those shapes.
     Raises:
-        ValueError: ``K % block_size != 0`` or non-finite input (the message says where).
+        ValueError: ``K % block_size != 0`` or non-finite input (the message says where; this check
+        reads one bool back from the device).
     """
-    if resolve_impl(x, impl) == "triton":
-        from ..kernels import triton_qdq
-
-        return triton_qdq.quantize(x, block_size)
-    return quantize_reference(x, block_size)
+    if torch.compiler.is_compiling():
+        return ops.quantize(x, block_size, impl)
+    return backends.quantize(x, block_size, impl)
 
 
 def dequantize(
@@ -84,40 +97,36 @@ def fake_quantize(x: torch.Tensor, block_size: int = 32, *, impl: str | None = N
     For finite input the result equals ``dequantize(*quantize(x, block_size), dtype=x.dtype,
     block_size=block_size)`` bit for bit. A block holding NaN or +-inf comes out all NaN: we differ
     from FlashInfer (which encodes NaN as +6) on purpose, so that a diverging weight stays visible.
-    Never synchronises with the host (safe on the training hot path).
+    Never synchronises with the host and never copies from it (safe on the training hot path and
+    inside a CUDA graph capture). The result does not require grad (see :func:`fake_quantize_ste`).
     """
-    if resolve_impl(x, impl) == "triton":
-        from ..kernels import triton_qdq
-
-        return triton_qdq.fake_quantize(x, block_size)
-    return fake_quantize_reference(x, block_size)
+    if torch.compiler.is_compiling():
+        return ops.fake_quantize(x, block_size, impl)
+    return backends.fake_quantize(x, block_size, impl)
 
 
 def fake_quantize_many(xs, block_size: int = 32, *, impl: str | None = None) -> list[torch.Tensor]:
     """:func:`fake_quantize` of each tensor of a list (e.g. every expert weight of a
-    TEGroupedLinear). With the Triton kernel all tensors go through ONE launch; the reference loops.
-    Every tensor must share one dtype and device.
+    TEGroupedLinear). With the Triton kernel all tensors go through ONE launch (the outputs are
+    views into one buffer); the reference loops. Every tensor must share one dtype and device
+    (else ValueError naming the entry). The kernel's pointer table is built for this call only:
+    for a module's persistent weights use :class:`GroupedFakeQuantizer`, which keeps it.
     """
-    xs = list(xs)
-    if not xs:
-        return []
-    if resolve_impl(xs[0], impl) == "triton":
-        from ..kernels import triton_qdq
+    if torch.compiler.is_compiling():
+        xs = list(xs)
+        if not xs:
+            return []
+        flat = ops.fake_quantize_many(xs, block_size, impl)
+        return [part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in xs]), xs)]
+    return backends.fake_quantize_many(xs, block_size, impl)
 
-        return triton_qdq.fake_quantize_many(xs, block_size)
-    return [fake_quantize_reference(x, block_size) for x in xs]
 
-
-class GroupedFakeQuantizer:
-    """Fake-quantize one fixed set of tensors (the expert weights of one TEGroupedLinear) again and
-    again: ``GroupedFakeQuantizer(block_size)(weights) -> list`` equals
-    ``fake_quantize_many(weights, block_size)``. One instance per module: whatever per-launch state
-    the kernel needs (the grouped pointer table) lives here, with the module, not in a global cache.
+def quantize_many(xs, block_size: int = 32, *, impl: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`quantize` of each tensor of a list: ``[(codes, scales), ...]`` in order, each with the
+    shapes of :func:`quantize` (for the weight export). With the Triton kernel all tensors go through
+    ONE launch; the reference loops. One dtype and device for the list; non-finite input raises
+    ValueError naming ``xs[i]``. Under ``torch.compile`` this is one ``quantize`` op per tensor.
     """
-
-    def __init__(self, block_size: int = 32, *, impl: str | None = None):
-        self.block_size = block_size
-        self.impl = impl
-
-    def __call__(self, xs) -> list[torch.Tensor]:
-        return fake_quantize_many(xs, self.block_size, impl=self.impl)
+    if torch.compiler.is_compiling():
+        return [ops.quantize(x, block_size, impl) for x in xs]
+    return backends.quantize_many(xs, block_size, impl)

@@ -15,6 +15,7 @@ This module never imports Triton (importing :mod:`megatron_qat.mxfp4` stays chea
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -27,8 +28,10 @@ _INTERPRET_ENV = "TRITON_INTERPRET"
 _TRUE = ("1", "true", "on", "yes")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_installed() -> bool:
-    """Whether the ``triton`` package can be found (without importing it)."""
+    """Whether the ``triton`` package can be found (without importing it); looked up once per
+    process (``find_spec`` walks sys.path, too slow for every forward)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -1,22 +1,26 @@
 """Straight-through estimator: forward = MXFP4 fake-quant, backward = identity.
 
-``fake_quantize_ste(w)`` is what the Megatron patch feeds to Transformer Engine in place of the
-BF16 master weight. The gradient that arrives for the fake-quantized tensor is handed back to
-``w`` unchanged (same tensor, same dtype): the quantizer is treated as the identity for
-differentiation, which is the standard STE of QAT.
+``fake_quantize_ste(w)`` is the differentiable form of :func:`megatron_qat.mxfp4.fake_quantize`:
+the gradient that arrives for the fake-quantized tensor is handed back to ``w`` unchanged (same
+tensor, same dtype), the standard STE of QAT.
+
+Under ``torch.compile`` it is the custom op ``megatron_qat::fake_quantize_ste``, whose identity
+backward is registered with ``torch.library.register_autograd`` (:mod:`megatron_qat.mxfp4.ops`). In
+eager it is the equivalent ``autograd.Function`` below: a custom op's first eager call imports
+``torch._dynamo`` (seconds), and its dispatcher adds ~25 us per call.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import backends, ops
+
 
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor, block_size: int, impl):  # type: ignore[override]
-        from . import fake_quantize
-
-        return fake_quantize(w, block_size, impl=impl)
+        return backends.fake_quantize(w, block_size, impl)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
@@ -30,8 +34,8 @@ def fake_quantize_ste(w: torch.Tensor, block_size: int = 32, *, impl: str | None
     Backward: d(out)/d(w) is the identity; the incoming gradient is returned as is.
     Under ``torch.no_grad()`` (or when ``w`` does not require grad) no graph is recorded.
     """
+    if torch.compiler.is_compiling():
+        return ops.fake_quantize_ste(w, block_size, impl)
     if torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad:
         return _FakeQuantizeSTE.apply(w, block_size, impl)
-    from . import fake_quantize
-
-    return fake_quantize(w, block_size, impl=impl)
+    return backends.fake_quantize(w, block_size, impl)

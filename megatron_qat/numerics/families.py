@@ -1,24 +1,43 @@
-"""Input families that drive every branch of the MXFP4 rule, and a bit-level comparison.
+"""The one adversarial-input generator: families of tensors that drive every branch of the MXFP4
+rule, and a bit-level comparison.
 
-Used by the kernel tests (CPU interpreter and GPU) and by the benchmark's correctness check, so
-that all three exercise the same cases. Each family maps ``(shape, dtype, generator)`` to a CPU
-tensor ``shape`` (last dim a multiple of 32) of ``dtype``; move it to the device afterwards.
+Every consumer draws from here: the numerics tests, the kernel tests (CPU interpreter and GPU), the
+benchmark's correctness check and the parity checker's built-in run (:func:`synthetic_tensors`,
+``megatron-qat parity --synthetic``). :func:`make` maps ``(family, shape, dtype, seed)`` to a CPU
+tensor of ``shape`` (last dim a multiple of 32) and ``dtype`` (bf16, fp16 or fp32); move it to the
+device afterwards. Deterministic for a given seed.
 
-Families: random values at several magnitudes, random finite bit patterns, E2M1 tie points and
-their neighbours times ``2**k``, block maxima exactly ``6 * 2**k`` and ``1.5 * 2**k``, zeros with
-``-0``, subnormals next to the smallest normals (FTZ), the dtype's largest finite values, one
-nonzero per block, and NaN / +-inf blocks (``fake_quantize`` only).
+Families (where two MXFP4 implementations can disagree):
+
+- ``random_1e-3`` / ``random_1`` / ``random_1e3``: normal values at that scale;
+  ``random_extreme``: normal values times ``2**k`` per block, k over the dtype's whole range;
+  ``random_bits``: random finite bit patterns (every exponent, subnormals, both zeros).
+- ``ties``: amax ``6 * 2**k`` pins the scale to ``2**k``; the other elements are E2M1 tie points
+  and grid points times ``2**k``, exactly or one dtype ulp up/down, random signs and positions.
+- ``amax_6x2k`` / ``amax_1p5x2k``: block maxima exactly ``6 * 2**k`` / ``1.5 * 2**k`` (the scale
+  ceiling at a power of two).
+- ``amax_6x2k_pm_ulp``: block maxima ``6 * 2**k`` moved -3..+3 dtype ulps, so the float32 product
+  ``amax * RN(1/6)`` falls just below, on or just above a power of two.
+- ``zeros_negzero``: all +0, all -0 and mixed-sign-zero blocks.
+- ``subnormal``: dtype subnormals and values near the float32 FTZ boundary, alone and in blocks
+  with one normal element (FTZ of an element before scaling).
+- ``maxima``: the dtype's largest finite values, a few ulps below them, and large random values.
+- ``one_nonzero``: one nonzero per block.
+- ``nan_inf_blocks``: blocks holding one NaN, +inf or -inf (``fake_quantize`` only).
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import torch
 
-from .format import CANONICAL_NAN_BITS, INT_VIEW_DTYPES
+from .constants import DEFAULT_BLOCK_SIZE as BLOCK
+from .format import INT_VIEW_DTYPES
 
-BLOCK = 32
-# Tie points of E2M1 round-to-nearest-even, in units of the block scale.
+# Tie points of E2M1 round-to-nearest-even and the grid values, in units of the block scale.
 TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0)
+GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 FINITE_FAMILIES = (
     "random_1e-3",
     "random_1",
@@ -28,6 +47,7 @@ FINITE_FAMILIES = (
     "ties",
     "amax_6x2k",
     "amax_1p5x2k",
+    "amax_6x2k_pm_ulp",
     "zeros_negzero",
     "subnormal",
     "maxima",
@@ -36,116 +56,201 @@ FINITE_FAMILIES = (
 NONFINITE_FAMILIES = ("nan_inf_blocks",)
 ALL_FAMILIES = FINITE_FAMILIES + NONFINITE_FAMILIES
 
-
-
-def bits_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Integer dtype of the same width (for bit-exact comparison)."""
-    return INT_VIEW_DTYPES[dtype]
-
-
-def canonical_nan_bits(dtype: torch.dtype) -> int:
-    """The quiet-NaN pattern fake_quantize (reference and kernel) writes for a non-finite block."""
-    return CANONICAL_NAN_BITS[dtype]
+# The parity checker's built-in run: every finite family in the dtypes FlashInfer takes, one
+# [64, 256] tensor each, plus a fused-experts-shaped [4, 24, 256] one (~0.4M elements in all).
+SYNTHETIC_DTYPES = (torch.bfloat16, torch.float16)
+SYNTHETIC_SHAPE = (64, 256)
+SYNTHETIC_EXPERTS = ("experts_3d", "random_extreme", (4, 24, 256))
+SYNTHETIC_CASES = FINITE_FAMILIES + (SYNTHETIC_EXPERTS[0],)
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
 
 def _exp_range(dtype: torch.dtype) -> tuple[int, int]:
-    """Exponents k such that 6 * 2**k and 0.25 * 2**k * (1 - ulp) stay finite/normal-ish."""
+    """Exponents k for which 6 * 2**k stays finite in ``dtype`` (for fp16, 0.25 * 2**k reaches into
+    its subnormals, which are normal float32 numbers and must not be flushed)."""
     return {torch.float16: (-20, 13), torch.bfloat16: (-120, 124), torch.float32: (-120, 124)}[dtype]
 
 
-def _random_bits(shape, dtype, g) -> torch.Tensor:
-    if dtype == torch.float32:
-        bits = torch.randint(-(2**31), 2**31, shape, generator=g, dtype=torch.int64).to(torch.int32)
-        exp_mask, mant_bits = 0x7F800000, 23
-    else:
-        bits = torch.randint(-(2**15), 2**15, shape, generator=g, dtype=torch.int32).to(torch.int16)
-        exp_mask, mant_bits = (0x7F80 if dtype == torch.bfloat16 else 0x7C00), (7 if dtype == torch.bfloat16 else 10)
-    nonfinite = (bits & exp_mask) == exp_mask
-    bits = torch.where(nonfinite, bits ^ (1 << mant_bits), bits)  # clear the lowest exponent bit
-    return bits.view(dtype)
+def _ulps(x: torch.Tensor, steps) -> torch.Tensor:
+    """Positive finite ``x`` moved by ``steps`` units in the last place of its own dtype."""
+    ints = x.contiguous().view(INT_VIEW_DTYPES[x.dtype])
+    return (ints + torch.as_tensor(steps).to(ints.dtype)).view(x.dtype)
 
 
-def _per_block(shape, g, dtype, lo_k, hi_k) -> torch.Tensor:
+def _blocks(shape) -> tuple[int, ...]:
+    """``[..., K]`` -> ``[..., K // 32, 32]``."""
+    return (*shape[:-1], shape[-1] // BLOCK, BLOCK)
+
+
+def _per_block(shape, g, lo_k: int, hi_k: int) -> torch.Tensor:
     """float32 ``2**k`` per block with k uniform in [lo_k, hi_k], broadcast to ``shape``."""
-    *lead, k = shape
-    ks = torch.randint(lo_k, hi_k + 1, (*lead, k // BLOCK, 1), generator=g).to(torch.float32)
-    return torch.exp2(ks).expand(*lead, k // BLOCK, BLOCK).reshape(shape)
+    bshape = _blocks(shape)
+    ks = torch.randint(lo_k, hi_k + 1, (*bshape[:-1], 1), generator=g).to(torch.float32)
+    return torch.exp2(ks).expand(bshape).reshape(shape)
+
+
+def _signs(shape, g) -> torch.Tensor:
+    return torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+
+
+def _put_one_per_block(v: torch.Tensor, values: torch.Tensor, g) -> torch.Tensor:
+    """float32 ``v [..., K]`` with one random position per block set to ``values [..., K//32, 1]``."""
+    b = v.reshape(_blocks(v.shape)).clone()
+    pos = torch.randint(0, BLOCK, (*b.shape[:-1], 1), generator=g)
+    b.scatter_(-1, pos, values)
+    return b.reshape(v.shape)
+
+
+def _random(scale: float):
+    return lambda shape, dtype, g: (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def _random_extreme(shape, dtype, g):
+    lo, hi = _exp_range(dtype)
+    return (torch.randn(shape, generator=g) * _per_block(shape, g, lo, hi)).to(dtype)
+
+
+def _random_bits(shape, dtype, g):
+    mant = _MANTISSA_BITS[dtype]
+    width = 32 if dtype == torch.float32 else 16
+    bits = torch.randint(-(2 ** (width - 1)), 2 ** (width - 1), shape, generator=g, dtype=torch.int64)
+    bits = bits.to(INT_VIEW_DTYPES[dtype])
+    exp_mask = ((1 << (width - 1 - mant)) - 1) << mant
+    nonfinite = (bits & exp_mask) == exp_mask
+    return torch.where(nonfinite, bits ^ (1 << mant), bits).view(dtype)  # clear the lowest exponent bit
+
+
+def _ties(shape, dtype, g):
+    lo, hi = _exp_range(dtype)
+    scale = _per_block(shape, g, lo, hi - 1).to(dtype)
+    pool = torch.tensor(TIES + GRID, dtype=dtype)
+    v = pool[torch.randint(0, len(pool), shape, generator=g)]
+    v = _ulps(v, torch.randint(-1, 2, shape, generator=g))  # exactly, one ulp up or one ulp down
+    v = (v * _signs(shape, g).to(dtype) * scale).float()
+    six = (6.0 * scale.float()).reshape(_blocks(shape))[..., :1]
+    return _put_one_per_block(v, six, g).to(dtype)  # amax 6 * 2**k pins the scale
+
+
+def _amax_at(top: float):
+    def build(shape, dtype, g):
+        lo, hi = _exp_range(dtype)
+        scale = _per_block(shape, g, lo, hi - 1)
+        v = (torch.rand(shape, generator=g) * 2 - 1) * top * scale
+        amax = (top * scale).reshape(_blocks(shape))[..., :1]
+        amax = amax * _signs(amax.shape, g)
+        return _put_one_per_block(v, amax, g).to(dtype)
+
+    return build
+
+
+def _amax_pm_ulp(shape, dtype, g):
+    lo, hi = _exp_range(dtype)
+    scale = _per_block(shape, g, lo, hi - 1)
+    bshape = _blocks(shape)
+    six = (6.0 * scale).reshape(bshape)[..., :1].to(dtype)
+    amax = _ulps(six, torch.randint(-3, 4, six.shape, generator=g)).float()
+    v = (torch.rand(shape, generator=g) * 2 - 1) * amax.expand(bshape).reshape(shape) * 0.99
+    return _put_one_per_block(v, amax, g).to(dtype)
+
+
+def _zeros_negzero(shape, dtype, g):
+    b = torch.zeros(_blocks(shape))
+    kind = torch.randint(0, 3, (*b.shape[:-1], 1), generator=g)  # +0 block, -0 block, mixed
+    neg = (kind == 1) | ((kind == 2) & (torch.rand(b.shape, generator=g) < 0.5))
+    b = torch.where(neg, -0.0, 0.0)
+    b[..., 1::4] = torch.where(kind == 2, torch.randn(b[..., 1::4].shape, generator=g), b[..., 1::4])
+    return b.reshape(shape).to(dtype)
+
+
+def _subnormal(shape, dtype, g):
+    tiny = torch.finfo(dtype).tiny  # smallest normal
+    mant = _MANTISSA_BITS[dtype]
+    sub = torch.randint(1, 2**mant, shape, generator=g).to(torch.float64) * (tiny * 2.0**-mant)
+    near = torch.rand(shape, generator=g, dtype=torch.float64) * 8 * tiny  # 0 .. 8 * min normal
+    v = torch.where(torch.rand(shape, generator=g) < 0.5, sub, near)
+    v = v * _signs(shape, g).double()
+    # a third of the blocks get one normal element: 1.0, the float32 FTZ edge 6 * 2**-126 or random
+    edge = torch.tensor([1.0, 6.0 * 2.0**-126, 2.0**-120], dtype=torch.float64)
+    normal = edge[torch.randint(0, 3, (*_blocks(shape)[:-1], 1), generator=g)]
+    with_normal = torch.rand(normal.shape, generator=g) < 1 / 3
+    b = v.reshape(_blocks(shape)).clone()
+    b[..., :1] = torch.where(with_normal, normal, b[..., :1])
+    return b.reshape(shape).to(dtype)
+
+
+def _maxima(shape, dtype, g):
+    top = torch.tensor([torch.finfo(dtype).max], dtype=dtype)
+    below = _ulps(top.expand(shape).contiguous(), -torch.randint(0, 8, shape, generator=g)).float()
+    rand = (torch.randn(shape, generator=g) * float(top) / 4).to(torch.float64).clamp(-float(top), float(top)).float()
+    pick = torch.rand(shape, generator=g)
+    v = torch.where(pick < 0.4, below * _signs(shape, g), rand)
+    return v.to(dtype)
+
+
+def _one_nonzero(shape, dtype, g):
+    lo, hi = _exp_range(dtype)
+    scale = _per_block(shape, g, lo, hi).reshape(_blocks(shape))[..., :1]
+    val = torch.randn(scale.shape, generator=g) * scale
+    return _put_one_per_block(torch.zeros(shape), val, g).to(dtype)
+
+
+def _nan_inf_blocks(shape, dtype, g):
+    v = torch.randn(shape, generator=g)
+    kind = torch.randint(0, 4, (*_blocks(shape)[:-1], 1), generator=g)  # finite, NaN, +inf, -inf
+    special = torch.tensor([0.0, float("nan"), float("inf"), float("-inf")])[kind]
+    b = v.reshape(_blocks(shape))
+    pos = torch.randint(0, BLOCK, kind.shape, generator=g)
+    put = torch.zeros(b.shape, dtype=torch.bool).scatter_(-1, pos, kind > 0)
+    return torch.where(put, special, b).reshape(shape).to(dtype)
+
+
+_BUILDERS: dict[str, Callable[[tuple, torch.dtype, torch.Generator], torch.Tensor]] = {
+    "random_1e-3": _random(1e-3),
+    "random_1": _random(1.0),
+    "random_1e3": _random(1e3),
+    "random_extreme": _random_extreme,
+    "random_bits": _random_bits,
+    "ties": _ties,
+    "amax_6x2k": _amax_at(6.0),
+    "amax_1p5x2k": _amax_at(1.5),
+    "amax_6x2k_pm_ulp": _amax_pm_ulp,
+    "zeros_negzero": _zeros_negzero,
+    "subnormal": _subnormal,
+    "maxima": _maxima,
+    "one_nonzero": _one_nonzero,
+    "nan_inf_blocks": _nan_inf_blocks,
+}
+assert tuple(_BUILDERS) == ALL_FAMILIES
 
 
 def make(family: str, shape, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """A CPU tensor of ``family`` (see the module docstring)."""
-    g = torch.Generator().manual_seed(seed)
+    """A CPU tensor of ``family`` (see the module docstring), ``shape`` ``[..., K]`` with
+    ``K % 32 == 0``, ``dtype`` bf16 / fp16 / fp32."""
+    build = _BUILDERS.get(family)
+    if build is None:
+        raise ValueError(f"unknown input family {family!r}; known: {', '.join(ALL_FAMILIES)}")
     shape = tuple(shape)
-    lo_k, hi_k = _exp_range(dtype)
-    finfo = torch.finfo(dtype)
-    if family.startswith("random_") and family not in ("random_extreme", "random_bits"):
-        scale = float(family.split("_")[1])
-        return (torch.randn(shape, generator=g) * scale).to(dtype)
-    if family == "random_extreme":
-        return (torch.randn(shape, generator=g) * _per_block(shape, g, dtype, lo_k, hi_k)).to(dtype)
-    if family == "random_bits":
-        return _random_bits(shape, dtype, g)
-    if family == "ties":
-        # Per block: amax 6 * 2**k pins the scale to 2**k; the rest are tie points, their
-        # dtype neighbours (one ulp up/down) and random signs.
-        scale = _per_block(shape, g, dtype, lo_k, hi_k - 1).to(dtype)
-        ties = torch.tensor(TIES, dtype=dtype)
-        idx = torch.randint(0, len(TIES), shape, generator=g)
-        v = ties[idx]
-        step = torch.randint(-1, 2, shape, generator=g)
-        v = torch.where(step > 0, torch.nextafter(v, torch.full_like(v, 8.0)), v)
-        v = torch.where(step < 0, torch.nextafter(v, torch.zeros_like(v)), v)
-        sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0).to(dtype)
-        v = (v * sign * scale).reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
-        v[..., 0] = (6.0 * scale.reshape(v.shape)[..., 0]).to(dtype)
-        return v.reshape(shape)
-    if family in ("amax_6x2k", "amax_1p5x2k"):
-        top = 6.0 if family == "amax_6x2k" else 1.5
-        scale = _per_block(shape, g, dtype, lo_k, hi_k - 1)
-        v = (torch.rand(shape, generator=g) * 2 - 1) * top * scale
-        v = v.reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
-        pos = torch.randint(0, BLOCK, v.shape[:-1] + (1,), generator=g)
-        amax = top * scale.reshape(v.shape)[..., :1]
-        v.scatter_(-1, pos, torch.where(torch.rand(pos.shape, generator=g) < 0.5, -amax, amax))
-        return v.reshape(shape).to(dtype)
-    if family == "zeros_negzero":
-        v = torch.zeros(shape).reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
-        kind = torch.randint(0, 3, v.shape[:-1] + (1,), generator=g)  # +0 block, -0 block, mixed
-        neg = (kind == 1) | ((kind == 2) & (torch.rand(v.shape, generator=g) < 0.5))
-        v = torch.where(neg, -0.0, 0.0)
-        v[..., 1::4] = torch.where(kind == 2, torch.randn(v[..., 1::4].shape, generator=g), v[..., 1::4])
-        return v.reshape(shape).to(dtype)
-    if family == "subnormal":
-        tiny = finfo.tiny  # smallest normal
-        mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
-        sub = torch.randint(1, 2**mant, shape, generator=g)
-        sub_vals = sub.to(torch.float64) * (tiny * 2.0**-mant)
-        near = (torch.rand(shape, generator=g, dtype=torch.float64) * 8) * tiny  # 0 .. 8 * min normal
-        v = torch.where(torch.rand(shape, generator=g) < 0.5, sub_vals, near)
-        v = torch.where(torch.rand(shape, generator=g) < 0.5, -v, v)
-        return v.to(dtype)
-    if family == "maxima":
-        v = torch.randn(shape, generator=g) * finfo.max / 4
-        pick = torch.rand(shape, generator=g)
-        v = torch.where(pick < 0.2, finfo.max, torch.where(pick < 0.4, -finfo.max, v))
-        return v.to(torch.float64).clamp(-finfo.max, finfo.max).to(dtype)
-    if family == "one_nonzero":
-        v = torch.zeros(shape).reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
-        pos = torch.randint(0, BLOCK, v.shape[:-1] + (1,), generator=g)
-        val = torch.randn(pos.shape, generator=g) * _per_block(shape, g, dtype, lo_k, hi_k).reshape(v.shape)[..., :1]
-        v.scatter_(-1, pos, val)
-        return v.reshape(shape).to(dtype)
-    if family == "nan_inf_blocks":
-        v = torch.randn(shape, generator=g).reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
-        kind = torch.randint(0, 4, v.shape[:-1], generator=g)  # finite, NaN, +inf, -inf
-        pos = torch.randint(0, BLOCK, v.shape[:-1], generator=g)
-        special = torch.tensor([0.0, float("nan"), float("inf"), float("-inf")])[kind]
-        v = v.clone()
-        flat, fpos, fkind, fspecial = v.reshape(-1, BLOCK), pos.reshape(-1), kind.reshape(-1), special.reshape(-1)
-        rows = torch.nonzero(fkind > 0).flatten()
-        flat[rows, fpos[rows]] = fspecial[rows]
-        return flat.reshape(shape).to(dtype)
-    raise ValueError(f"unknown input family {family!r}; known: {', '.join(ALL_FAMILIES)}")
+    if not shape or shape[-1] % BLOCK:
+        raise ValueError(f"family {family}: shape {shape} must be [..., K] with K % {BLOCK} == 0")
+    if dtype not in _MANTISSA_BITS:
+        raise ValueError(f"family {family}: dtype {dtype} is not one of bf16, fp16, fp32")
+    return build(shape, dtype, torch.Generator().manual_seed(seed)).contiguous()
+
+
+def synthetic_tensors(seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parity checker's built-in tensors: ``(name, tensor)`` for every case of
+    ``SYNTHETIC_CASES`` in bf16 then fp16, named ``synthetic/<bf16|fp16>/<case>``. All finite."""
+    expert_case, expert_family, expert_shape = SYNTHETIC_EXPERTS
+    for dtype in SYNTHETIC_DTYPES:
+        for i, case in enumerate(SYNTHETIC_CASES):
+            if case == expert_case:
+                t = make(expert_family, expert_shape, dtype, seed + i)
+            else:
+                t = make(case, SYNTHETIC_SHAPE, dtype, seed + i)
+            if not bool(torch.isfinite(t).all()):
+                raise AssertionError(f"synthetic case {case} ({dtype}) built a non-finite value")
+            yield f"synthetic/{_SHORT[dtype]}/{case}", t
 
 
 def compare_bits(out: torch.Tensor, ref: torch.Tensor) -> str | None:
@@ -154,7 +259,8 @@ def compare_bits(out: torch.Tensor, ref: torch.Tensor) -> str | None:
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return f"shape/dtype {tuple(out.shape)} {out.dtype} != reference {tuple(ref.shape)} {ref.dtype}"
     if out.dtype.is_floating_point:
-        ob, rb = out.contiguous().view(bits_dtype(out.dtype)), ref.contiguous().view(bits_dtype(ref.dtype))
+        ob = out.contiguous().view(INT_VIEW_DTYPES[out.dtype])
+        rb = ref.contiguous().view(INT_VIEW_DTYPES[ref.dtype])
     else:
         ob, rb = out, ref
     diff = ob != rb

@@ -1,7 +1,9 @@
 """MXFP4 storage format: E2M1 element codes, E8M0 scale bytes, nibble packing.
 
-Framework-light constants and bit helpers shared by the reference quantizer, the kernels'
-tests and the exporters. Nothing here decides *how* a value is rounded; that is
+The one home of the format's constants (the plain integers live in the torch-free
+:mod:`megatron_qat.numerics.constants` and are re-exported here), the torch-typed maps derived from
+them, bit helpers and input validation shared by the reference, the kernels, the op layer and the
+exporters. Nothing here decides *how* a value is rounded; that is
 :mod:`megatron_qat.numerics.reference`.
 
 E2M1 code (4 bits): bit 3 is the sign, bits 2..0 select a magnitude from
@@ -16,31 +18,66 @@ Packing (FlashInfer ``fp4_quantize``, OCP MX, gpt-oss ``*_blocks``, compressed-t
 
 from __future__ import annotations
 
+import struct
+from typing import Iterable
+
 import torch
 
-E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-E2M1_MAX = 6.0
-E8M0_BIAS = 127
-E8M0_NAN = 255
-SIGN_BIT = 0x8
-DEFAULT_BLOCK_SIZE = 32
-FLASHINFER_BLOCK_SIZE = 32
+from .constants import (
+    DEFAULT_BLOCK_SIZE,
+    E8M0_BIAS,
+    E8M0_NAN,
+    NAN_BITS_BF16,
+    NAN_BITS_FP16,
+    NAN_BITS_FP32,
+    RCP_SIX_BITS,
+)
 
-# float32 bit patterns used by the rule (see docs/numerics.md).
-RCP_SIX_BITS = 0x3E2AAAAB  # rcp.approx.ftz.f32(6.0) on sm_90 == RN(1/6), measured
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "E8M0_BIAS",
+    "E8M0_NAN",
+    "RCP_SIX_BITS",
+    "RCP_SIX",
+    "FLT_MIN_NORMAL",
+    "E2M1_MAGNITUDES",
+    "SUPPORTED_DTYPES",
+    "CANONICAL_NAN_BITS",
+    "INT_VIEW_DTYPES",
+    "e2m1_lut",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "e8m0_to_float32",
+    "check_block_size",
+    "check_input",
+    "check_group",
+    "check_finite",
+]
+
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+# RN(1/6) as a Python float, decoded once from its bits (exact; no tensor, no device sync).
+RCP_SIX = struct.unpack("<f", struct.pack("<I", RCP_SIX_BITS))[0]
 FLT_MIN_NORMAL = 2.0**-126  # anything smaller (in magnitude) is flushed to zero by FTZ
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# fake_quantize writes exactly this quiet NaN for every element of a non-finite block, whatever the
-# device (PyTorch's own float32 -> bf16/fp16 NaN conversion differs between CPU and CUDA).
-CANONICAL_NAN_BITS = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float32: 0x7FC00000}
+# The integer dtype of the same width: every bit-exact comparison and every bit-level write uses it.
 INT_VIEW_DTYPES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+# fake_quantize writes exactly this quiet NaN for every element of a non-finite block.
+CANONICAL_NAN_BITS = {torch.bfloat16: NAN_BITS_BF16, torch.float16: NAN_BITS_FP16, torch.float32: NAN_BITS_FP32}
 
 
 def e2m1_lut(device: torch.device | str | None = None) -> torch.Tensor:
-    """float32 ``[16]`` table: code -> value, sign bit included (index 8 is -0.0)."""
-    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
+    """float32 ``[16]`` table: code -> value, sign bit included (index 8 is -0.0).
+
+    Built on ``device`` from ``arange`` (no host-to-device copy, so it is safe inside a CUDA graph
+    capture): twice the magnitude of code ``m`` is ``m`` for m < 2, else ``(2 + (m & 1)) << ((m >> 1) - 1)``,
+    which gives ``E2M1_MAGNITUDES`` exactly.
+    """
+    m = torch.arange(8, device=device)
+    twice = torch.where(m < 2, m, (2 + (m & 1)) << ((m >> 1) - 1).clamp(min=0))
+    mags = twice.to(torch.float32) * 0.5
     return torch.cat([mags, -mags])
 
 
@@ -97,3 +134,36 @@ def check_input(x: torch.Tensor, block_size: int, name: str = "x") -> None:
             f"{name} has shape {tuple(x.shape)}: its last dim K={k} is not a multiple of the MXFP4 "
             f"block size {block_size} (blocks run along the last, input-features dim)"
         )
+
+
+def check_group(xs: Iterable[torch.Tensor], block_size: int, name: str = "xs") -> list[torch.Tensor]:
+    """Validate a list of tensors for a grouped call: each passes :func:`check_input` (named
+    ``xs[i]``) and all share ``xs[0]``'s dtype and device. Returns the list (an empty one is fine)."""
+    if isinstance(xs, torch.Tensor):
+        raise TypeError(f"{name} must be a list of tensors, got one torch.Tensor of shape {tuple(xs.shape)}")
+    xs = list(xs)
+    for i, t in enumerate(xs):
+        check_input(t, block_size, f"{name}[{i}]")
+        if t.dtype != xs[0].dtype or t.device != xs[0].device:
+            raise ValueError(
+                f"{name}[{i}] is {t.dtype} on {t.device} but {name}[0] is {xs[0].dtype} on {xs[0].device}; "
+                "a grouped MXFP4 call needs one dtype and one device for the whole list"
+            )
+    return xs
+
+
+def check_finite(x: torch.Tensor, name: str = "x") -> None:
+    """Raise ValueError naming ``name``, the count and the first index of NaN/Inf in ``x``.
+
+    ``quantize`` refuses non-finite input (docs/numerics.md). The check reads one bool back from
+    the device (a host sync), so it is for quantize/export, never for the fake-quant hot path.
+    """
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()
+    first = tuple(int(i) for i in bad[0])
+    raise ValueError(
+        f"{name} of shape {tuple(x.shape)} holds {bad.shape[0]} non-finite value(s) "
+        f"(first at index {first}: {x[first].item()}); MXFP4 quantize refuses NaN/Inf"
+    )

@@ -19,10 +19,18 @@ d. ``v = x * 2**(127 - byte)`` in float32 with FTZ (byte 0 uses 0 as the multipl
 
 Everything is vectorised and runs on any device. Memory: rows are processed in chunks of at most
 ``_CHUNK_ELEMENTS`` elements, so the float32 temporaries stay bounded (no float64 anywhere).
+``fake_quantize_reference`` never reads a value back to the host and never copies from it (so it
+can run inside a CUDA graph capture); ``quantize_reference`` reads one bool back for its
+non-finite check.
+
+Empty tensors: any ``[..., K]`` with ``K % block_size == 0`` is accepted, ``K = 0`` and zero rows
+included; the outputs then have zero elements and the shapes of the contract (codes ``[..., K//2]``,
+scales ``[..., K//block_size]``, fake-quant values ``[..., K]``), as in the Triton kernel.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -30,14 +38,16 @@ import torch
 from .format import (
     CANONICAL_NAN_BITS,
     E8M0_BIAS,
-    INT_VIEW_DTYPES,
     FLT_MIN_NORMAL,
-    RCP_SIX_BITS,
+    INT_VIEW_DTYPES,
+    RCP_SIX,
     check_block_size,
+    check_finite,
     check_input,
     e2m1_lut,
     e8m0_to_float32,
     pack_nibbles,
+    unpack_nibbles,
 )
 
 _CHUNK_ELEMENTS = 1 << 24  # 16M elements -> 64 MiB per float32 temporary
@@ -48,11 +58,6 @@ _CHUNK_ELEMENTS = 1 << 24  # 16M elements -> 64 MiB per float32 temporary
 #   tie 1.75 -> 2.0 (code 4) tie 2.5  -> 2.0 (code 4)   tie 3.5  -> 4.0 (code 6)   tie 5 -> 4.0 (code 6)
 # Anything above 5 (including > 6) saturates to code 7 (6.0).
 _RNE_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
-
-
-def rcp_six() -> float:
-    """The float32 value of rcp.approx.ftz(6.0) as a Python float (exact)."""
-    return torch.tensor(RCP_SIX_BITS, dtype=torch.int32).view(torch.float32).item()
 
 
 def e8m0_ceil_from_float32(p: torch.Tensor) -> torch.Tensor:
@@ -100,8 +105,9 @@ def _quantize_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     # a. amax of each block (NaN propagates through amax; that marks the block non-finite).
     amax = blocks.abs().amax(dim=-1)
     nonfinite = ~torch.isfinite(amax)
-    # b. p = amax * RN(1/6), one float32 multiply (RN); FTZ is applied on the bits in step c.
-    p = amax * rcp_six()
+    # b. p = amax * RN(1/6): one float32 multiply, round to nearest (the Python float RCP_SIX is
+    # exactly the float32 constant); FTZ is applied on the bits in step c.
+    p = amax * RCP_SIX
     # c. E8M0 byte, rounded toward +inf, satfinite.
     byte = e8m0_ceil_from_float32(p)
     # d. scale the elements by the exact power of two; FTZ: subnormal x is a signed zero.
@@ -113,7 +119,12 @@ def _quantize_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return codes, byte, nonfinite
 
 
-def _map_row_chunks(x2d: torch.Tensor, block_size: int, fn: Callable[[torch.Tensor], None]) -> None:
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` as ``[R, K]`` with R given explicitly (``reshape(-1, 0)`` is ambiguous for K = 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def _map_row_chunks(x2d: torch.Tensor, fn: Callable[[slice], None]) -> None:
     """Call ``fn(row_slice)`` over row chunks of a ``[R, K]`` view, each at most _CHUNK_ELEMENTS."""
     rows, k = x2d.shape
     step = max(1, _CHUNK_ELEMENTS // max(k, 1))
@@ -121,53 +132,59 @@ def _map_row_chunks(x2d: torch.Tensor, block_size: int, fn: Callable[[torch.Tens
         fn(slice(start, min(rows, start + step)))
 
 
-def quantize_reference(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`megatron_qat.mxfp4.quantize` (same contract, no dispatch)."""
+def _blocks(chunk: torch.Tensor, block_size: int) -> torch.Tensor:
+    """float32 ``[r, K]`` -> ``[r, K // block_size, block_size]`` (explicit sizes: K may be 0)."""
+    return chunk.reshape(chunk.shape[0], chunk.shape[1] // block_size, block_size)
+
+
+def quantize_reference(
+    x: torch.Tensor, block_size: int = 32, *, name: str = "x"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`megatron_qat.mxfp4.quantize` (same contract, no dispatch); ``name`` is
+    the tensor's name in error messages."""
     check_block_size(block_size)
-    check_input(x, block_size)
-    _raise_if_nonfinite(x)
+    check_input(x, block_size, name)
+    check_finite(x, name)
     k = x.shape[-1]
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    rows = x2d.shape[0]
-    codes = torch.empty((rows, k // 2), dtype=torch.uint8, device=x.device)
-    scales = torch.empty((rows, k // block_size), dtype=torch.uint8, device=x.device)
+    x2d = _rows(x)
+    codes = torch.empty((x2d.shape[0], k // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((x2d.shape[0], k // block_size), dtype=torch.uint8, device=x.device)
 
     def run(rs: slice) -> None:
-        blocks = x2d[rs].float().reshape(-1, k // block_size, block_size)
-        c, byte, _ = _quantize_blocks(blocks)
-        codes[rs] = pack_nibbles(c.reshape(-1, k))
+        chunk = x2d[rs].detach().float()
+        c, byte, _ = _quantize_blocks(_blocks(chunk, block_size))
+        codes[rs] = pack_nibbles(c.reshape(chunk.shape))
         scales[rs] = byte.to(torch.uint8)
 
-    _map_row_chunks(x2d, block_size, run)
+    _map_row_chunks(x2d, run)
     return codes.reshape(*lead, k // 2), scales.reshape(*lead, k // block_size)
 
 
-def fake_quantize_reference(x: torch.Tensor, block_size: int = 32) -> torch.Tensor:
+def fake_quantize_reference(x: torch.Tensor, block_size: int = 32, *, name: str = "x") -> torch.Tensor:
     """Reference of :func:`megatron_qat.mxfp4.fake_quantize`: quantize -> dequantize in ``x.dtype``.
 
     Finite blocks: bitwise equal to ``dequantize(*quantize(x), dtype=x.dtype)``. A block holding
     NaN or +-inf comes out all NaN, the canonical quiet NaN of ``CANONICAL_NAN_BITS`` (FlashInfer
     would encode it; we keep divergence visible).
-    Output is a new contiguous tensor with ``x``'s shape, dtype and device.
+    Output is a new contiguous tensor with ``x``'s shape, dtype and device; it does not require
+    grad (:func:`megatron_qat.mxfp4.fake_quantize_ste` is the differentiable form).
     """
     check_block_size(block_size)
-    check_input(x, block_size)
-    k = x.shape[-1]
-    x2d = x.reshape(-1, k)
+    check_input(x, block_size, name)
+    x2d = _rows(x)
     out = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
     lut = e2m1_lut(x.device)
+    nan_bits = CANONICAL_NAN_BITS[x.dtype]
 
     def run(rs: slice) -> None:
-        blocks = x2d[rs].float().reshape(-1, k // block_size, block_size)
-        c, byte, nonfinite = _quantize_blocks(blocks)
+        chunk = x2d[rs].detach().float()
+        c, byte, nonfinite = _quantize_blocks(_blocks(chunk, block_size))
         values = (lut[c.long()] * e8m0_to_float32(byte).unsqueeze(-1)).to(x.dtype)
-        ints = values.view(INT_VIEW_DTYPES[x.dtype])
-        nan = torch.tensor(CANONICAL_NAN_BITS[x.dtype], dtype=torch.int64).to(ints.dtype)
-        ints = torch.where(nonfinite.unsqueeze(-1), nan.to(ints.device), ints)
-        out[rs] = ints.view(x.dtype).reshape(-1, k)
+        ints = torch.where(nonfinite.unsqueeze(-1), nan_bits, values.view(INT_VIEW_DTYPES[x.dtype]))
+        out[rs] = ints.view(x.dtype).reshape(chunk.shape)
 
-    _map_row_chunks(x2d, block_size, run)
+    _map_row_chunks(x2d, run)
     return out.reshape(x.shape)
 
 
@@ -175,8 +192,6 @@ def dequantize_reference(
     codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block_size: int = 32
 ) -> torch.Tensor:
     """Reference of :func:`megatron_qat.mxfp4.dequantize`."""
-    from .format import unpack_nibbles
-
     check_block_size(block_size)
     _check_packed(codes, scales, block_size, dtype)
     k = codes.shape[-1] * 2
@@ -208,15 +223,3 @@ def _check_packed(codes: torch.Tensor, scales: torch.Tensor, block_size: int, dt
         )
     if codes.device != scales.device:
         raise ValueError(f"codes is on {codes.device} but scales is on {scales.device}")
-
-
-def _raise_if_nonfinite(x: torch.Tensor, name: str = "x") -> None:
-    finite = torch.isfinite(x)
-    if bool(finite.all()):
-        return
-    bad = (~finite).nonzero()
-    first = tuple(int(i) for i in bad[0])
-    raise ValueError(
-        f"{name} of shape {tuple(x.shape)} holds {bad.shape[0]} non-finite value(s) "
-        f"(first at index {first}: {x[first].item()}); MXFP4 quantize refuses NaN/Inf"
-    )

@@ -2,7 +2,7 @@
 rollout's MXFP4 (FlashInfer ``fp4_quantize(sf_vec_size=32, sf_use_ue8m0=True)``), bit for bit.
 
 Modules: :mod:`.options` (flags), :mod:`.sources` (safetensors / torch / synthetic, lazy row
-reads), :mod:`.synthetic` (adversarial families), :mod:`.golden` (independent NumPy model),
+reads; the built-in tensors come from :mod:`megatron_qat.numerics.families`), :mod:`.golden` (independent NumPy model),
 :mod:`.references` (golden, FlashInfer, ours), :mod:`.canary`, :mod:`.compare`, :mod:`.report`,
 :mod:`.runner`. docs/parity.md is the user guide. Importing this package loads nothing heavy.
 """

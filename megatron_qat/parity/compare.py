@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-BLOCK = 32
-_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+from ..numerics.constants import DEFAULT_BLOCK_SIZE as BLOCK
+from ..numerics.format import INT_VIEW_DTYPES as _INT_VIEW
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

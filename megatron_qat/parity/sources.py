@@ -214,7 +214,7 @@ def torch_entries(path: str, trust_pickle: bool, notes: list[str]) -> list[Tenso
 
 
 def synthetic_entries(seed: int = 0) -> list[TensorEntry]:
-    from .synthetic import synthetic_tensors
+    from ..numerics.families import synthetic_tensors
 
     return [_tensor_entry(name, None, t) for name, t in synthetic_tensors(seed)]
 

@@ -214,8 +214,8 @@ def classify(name: str, shape: tuple[int, ...], family: str | None) -> ExpertTen
         if family is None:
             raise LayoutError(
                 f"{name} {list(shape)}: a fused expert tensor whose layout depends on the checkpoint family "
-                f"([E, in, out] in gpt_oss/llama4, [E, out, in] in transformers-v5 qwen3_moe/mixtral/...) and no "
-                f"config.json says which; pass --layout (accepted: {_ACCEPTED})"
+                f"([E, in, out] in gpt_oss/llama4, [E, out, in] in transformers-v5 qwen3_moe/mixtral/...) and the "
+                f"family is not known; pass --layout (accepted: {_ACCEPTED})"
             )
         row = _TABLE[family]
         if row.fused is None:

@@ -1,5 +1,7 @@
 """megatron-qat parity on small generated checkpoints: HF safetensors (file, directory, index),
-torch .pt (nested, Megatron names), planted mismatches, and every bad-input case."""
+torch .pt (nested, Megatron names), planted mismatches, and every bad-input case. The HF fixture
+has a config.json (qwen3_moe: fused tensors are transformers-v5 [E, out, in]) and holds skipped
+and non-finite tensors on purpose, so a full run over it is INCOMPLETE (exit 3)."""
 
 import json
 
@@ -59,12 +61,14 @@ def hf_dir(tmp_path):
         save_file({k: tensors[k].contiguous() for k in keys}, str(d / shard))
         weight_map.update({k: shard for k in keys})
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}))
     return d
 
 
 def test_hf_directory_reports_every_expert_tensor(hf_dir, tmp_path, capsys):
     code, doc, out = _json(tmp_path, ["--reference", "golden", str(hf_dir)], capsys)
-    assert code == 0, out.out + out.err
+    assert code == 3 and doc["status"] == "incomplete" and doc["exit_code"] == 3, out.out + out.err
+    assert doc["layout"] == {"family": "qwen3_moe", "source": str(hf_dir / "config.json"), "note": None}
     names = {t["name"] for t in doc["tensors"]}
     assert len(names) == SELECTED
     assert "model.layers.0.mlp.gate.weight" not in names
@@ -74,10 +78,12 @@ def test_hf_directory_reports_every_expert_tensor(hf_dir, tmp_path, capsys):
     assert by["model.layers.1.mlp.experts.0.up_proj.weight"]["status"] == "skipped: non-floating dtype I8"
     fused = by["model.layers.1.mlp.experts.gate_up_proj"]
     assert fused["status"] == "equal" and fused["rows_compared"] == 30 and fused["elements_compared"] == 30 * 128
+    assert fused["layout"]["blocked_dim"] == 2 and fused["layout"]["role"] == "gate_up" and fused["complete"]
     nonfinite = by["model.layers.1.mlp.experts.2.gate_proj.weight"]
     assert (nonfinite["nonfinite_values"], nonfinite["excluded_rows"], nonfinite["rows_compared"]) == (3, 2, 6)
     assert doc["totals"]["tensors_compared"] == COMPARED and doc["totals"]["tensors_skipped"] == 2
-    assert "PARITY OK" in out.out and "3 non-finite values (2 rows excluded)" in out.out
+    summary = out.out.strip().splitlines()[-1]
+    assert summary.startswith("PARITY INCOMPLETE") and "2 tensor(s) skipped" in summary and "2 row(s) holding non-finite values" in summary
     assert "skipped: K=48 not a multiple of 32" in out.out
 
 
@@ -156,7 +162,7 @@ def test_reads_row_chunks_through_get_slice(hf_dir, tmp_path, capsys, monkeypatc
             return Slice()
 
     monkeypatch.setattr(safetensors, "safe_open", Recorder)
-    code, doc, _ = _json(tmp_path, ["--reference", "golden", "--chunk-elements", "128", str(hf_dir)], capsys)
+    code, doc, _ = _json(tmp_path, ["--reference", "golden", "--allow-incomplete", "--chunk-elements", "128", str(hf_dir)], capsys)
     assert code == 0
     assert reads and max(n for _, n in reads) <= 128
     fused = [n for name, n in reads if name.endswith("gate_up_proj")]
@@ -164,10 +170,10 @@ def test_reads_row_chunks_through_get_slice(hf_dir, tmp_path, capsys, monkeypatc
 
 
 def test_limit_and_sample_rows(hf_dir, tmp_path, capsys):
-    code, doc, _ = _json(tmp_path, ["--reference", "golden", "--limit", "2", str(hf_dir)], capsys)
+    code, doc, _ = _json(tmp_path, ["--reference", "golden", "--allow-incomplete", "--limit", "2", str(hf_dir)], capsys)
     assert code == 0 and len(doc["tensors"]) == 2
-    code, doc, _ = _json(tmp_path, ["--reference", "golden", "--sample-rows", "3", str(hf_dir)], capsys)
-    assert code == 0
+    code, doc, _ = _json(tmp_path, ["--reference", "golden", "--allow-incomplete", "--sample-rows", "3", str(hf_dir)], capsys)
+    assert code == 0 and doc["sampled"]
     for t in doc["tensors"]:
         if t["status"] == "equal" and "2.gate_proj" not in t["name"]:
             assert t["rows_compared"] == 3, t
@@ -282,8 +288,9 @@ def test_flashinfer_without_gpu_exits_2(capsys):
     assert code == 2 and "--device cuda" in out.err
 
 
-def test_all_selected_skipped_exits_2(tmp_path, capsys):
+def test_all_selected_skipped_exits_3_even_when_incomplete_is_allowed(tmp_path, capsys):
     path = tmp_path / "odd.safetensors"
     save_file({"m.experts.0.up_proj.weight": torch.ones(4, 40).bfloat16()}, str(path))
-    code, out = _run(["--reference", "golden", str(path)], capsys)
-    assert code == 2 and "PARITY NOT RUN" in out.out and "K=40" in out.out
+    for extra in ([], ["--allow-incomplete"]):
+        code, out = _run(["--reference", "golden", *extra, str(path)], capsys)
+        assert code == 3 and "PARITY NOT RUN (INCOMPLETE)" in out.out and "K=40" in out.out

@@ -11,7 +11,8 @@ from megatron_qat.numerics.families import SYNTHETIC_CASES as FAMILIES
 
 TENSOR_KEYS = {
     "name": (str,), "file": (str, type(None)), "shape": (list,), "dtype": (str,), "numel": (int,), "status": (str,),
-    "impl": (str, type(None)), "rows_total": (int,), "rows_compared": (int,), "elements_compared": (int,),
+    "impl": (str, type(None)), "layout": (dict,), "blocked_shape": (list,), "rows_total": (int,), "rows_selected": (int,),
+    "rows_compared": (int,), "elements_compared": (int,), "complete": (bool,),
     "code_mismatches": (int,), "scale_mismatches": (int,), "value_mismatches": (int,), "dequant_mismatches": (int,),
     "max_abs_diff": (float, int, str), "nonfinite_values": (int,), "excluded_rows": (int,),
     "first_mismatch": (dict, type(None)), "elapsed_s": (float, int),
@@ -19,8 +20,10 @@ TENSOR_KEYS = {
 TOTAL_KEYS = {
     "tensors_selected", "tensors_compared", "tensors_mismatched", "tensors_skipped", "elements_compared",
     "code_mismatches", "scale_mismatches", "value_mismatches", "dequant_mismatches", "nonfinite_values",
-    "excluded_rows", "max_abs_diff", "elapsed_s",
+    "excluded_rows", "max_abs_diff", "elapsed_s", "tensors_not_compared", "tensors_incomplete", "rows_total",
+    "rows_selected", "rows_compared",
 }
+LAYOUT_KEYS = {"family", "role", "blocked_dim", "expert_dim", "glu", "rule"}
 
 
 def test_default_run_is_synthetic_and_passes_with_schema(tmp_path, capsys):
@@ -29,8 +32,15 @@ def test_default_run_is_synthetic_and_passes_with_schema(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith(f"PARITY OK: {2 * len(FAMILIES)} tensors")
     doc = json.loads(path.read_text())
-    assert set(doc) == {"schema", "tool_version", "status", "exit_code", "sources", "include", "block_size", "options", "reference", "ours", "totals", "notes", "tensors"}
+    assert set(doc) == {
+        "schema", "tool_version", "status", "exit_code", "complete", "incomplete", "sampled", "sources", "include", "block_size",
+        "options", "layout", "reference", "ours", "totals", "notes", "tensors",
+    }
+    assert SCHEMA == "megatron-qat.parity/2"
     assert (doc["schema"], doc["status"], doc["exit_code"], doc["sources"], doc["block_size"]) == (SCHEMA, "equal", 0, ["synthetic"], 32)
+    assert (doc["complete"], doc["incomplete"], doc["sampled"]) == (True, [], False)
+    assert doc["layout"] == {"family": None, "source": "synthetic", "note": None}
+    assert set(doc["options"]) == {"limit", "sample_rows", "chunk_elements", "layout", "allow_incomplete"}
     assert doc["reference"]["name"] == "golden" and doc["reference"]["decodes_0x8_as"] == "-0.0" and doc["reference"]["reason"]
     assert doc["ours"]["module"] == "megatron_qat.mxfp4" and doc["ours"]["impls"]
     assert set(doc["totals"]) == TOTAL_KEYS and doc["totals"]["tensors_compared"] == 2 * len(FAMILIES)
@@ -38,7 +48,8 @@ def test_default_run_is_synthetic_and_passes_with_schema(tmp_path, capsys):
         assert set(t) == set(TENSOR_KEYS)
         for key, types in TENSOR_KEYS.items():
             assert isinstance(t[key], types), (key, t[key])
-        assert t["status"] == "equal" and t["elements_compared"] == t["numel"]
+        assert t["status"] == "equal" and t["elements_compared"] == t["numel"] and t["complete"]
+        assert set(t["layout"]) == LAYOUT_KEYS and t["layout"]["blocked_dim"] == len(t["shape"]) - 1
     assert {t["dtype"] for t in doc["tensors"]} == {"bfloat16", "float16"}
 
 
@@ -59,5 +70,5 @@ def test_help_lists_flags(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     text = capsys.readouterr().out
-    for flag in ("--reference", "--include", "--sample-rows", "--limit", "--json", "--allow-unsupported-gpu", "--device"):
+    for flag in ("--reference", "--include", "--sample-rows", "--limit", "--json", "--allow-unsupported-gpu", "--device", "--layout", "--allow-incomplete"):
         assert flag in text

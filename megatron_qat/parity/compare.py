@@ -1,6 +1,6 @@
 """Bitwise comparison of ours against a reference, accumulated per tensor.
 
-Per batch of rows ``x [r, K]`` (finite rows only):
+Per batch of rows ``x [r, K]`` of a tensor's blocked view (``in_features`` last; finite rows only):
 
 - codes: the 4-bit E2M1 codes, element by element (unpacked nibbles, as integers);
 - scales: the E8M0 bytes, block by block (as integers);
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -37,6 +38,9 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
+NOT_COMPARED = "not compared: every row holds a non-finite value"
+
+
 def _json_float(v: float):
     return v if math.isfinite(v) else repr(v)  # "inf", "-inf", "nan": JSON has no literal for them
 
@@ -48,9 +52,12 @@ class TensorResult:
     shape: list[int]
     dtype: str
     numel: int
-    status: str = "equal"  # "equal" | "mismatch" | "skipped: <reason>"
+    status: str = "equal"  # "equal" | "mismatch" | "skipped: <reason>" | NOT_COMPARED
     impl: str | None = None
+    layout: dict | None = None  # family, role, blocked_dim (the in_features dim of the stored shape), ...
+    blocked_shape: list[int] | None = None  # shape with blocked_dim moved last: rows x K
     rows_total: int = 0
+    rows_selected: int = 0  # rows_total, or fewer with --sample-rows
     rows_compared: int = 0
     elements_compared: int = 0
     code_mismatches: int = 0
@@ -71,21 +78,28 @@ class TensorResult:
     def skipped(self) -> bool:
         return self.status.startswith("skipped")
 
+    @property
+    def complete(self) -> bool:
+        """Every selected row compared (none skipped, none excluded as non-finite)."""
+        return not self.skipped and self.rows_compared > 0 and self.rows_compared == self.rows_selected
+
     def finish(self) -> None:
         if not self.skipped:
-            self.status = "mismatch" if self.mismatched else "equal"
+            self.status = "mismatch" if self.mismatched else ("equal" if self.rows_compared else NOT_COMPARED)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["max_abs_diff"] = _json_float(self.max_abs_diff)
+        d["complete"] = self.complete
         return d
 
 
 @dataclass
 class BatchInput:
     x: torch.Tensor  # [r, K] finite rows, CPU
-    row_ids: torch.Tensor  # int64 [r]: flat row index of each row in the tensor
-    shape: tuple[int, ...] = field(default=())
+    row_ids: torch.Tensor  # int64 [r]: flat row index of each row in the blocked view
+    shape: tuple[int, ...] = field(default=())  # the blocked view's shape
+    to_stored: Callable[[list[int]], list[int]] | None = None  # blocked-view index -> stored index
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor, differ: torch.Tensor) -> float:
@@ -137,7 +151,8 @@ def _describe(batch: BatchInput, i, j, code_diff, scale_diff, ref, ours, ref_in_
     ref_codes, ref_scales, ref_values = ref
     our_codes, our_scales, our_dequant, our_fake = ours
     row = int(batch.row_ids[i])
-    lead = list(torch.unravel_index(torch.tensor(row), batch.shape[:-1])) if len(batch.shape) > 1 else []
+    lead = [int(v) for v in torch.unravel_index(torch.tensor(row), batch.shape[:-1])] if len(batch.shape) > 1 else []
+    index = lead + [j] if batch.to_stored is None else batch.to_stored(lead + [j])
     nib = lambda packed: int((packed.reshape(x.shape[0], -1)[i, j // 2] >> (4 * (j % 2))) & 0xF)  # noqa: E731
     what = [n for n, hit in (("code", code_diff[i, j]), ("scale", scale_diff[i, j // BLOCK])) if bool(hit)]
     if bool(_bits(our_fake.reshape(x.shape)[i : i + 1, j]) != _bits(ref_in_dtype[i : i + 1, j])):
@@ -148,7 +163,7 @@ def _describe(batch: BatchInput, i, j, code_diff, scale_diff, ref, ours, ref_in_
     return {
         "row": row,
         "col": j,
-        "index": [int(v) for v in lead] + [j],
+        "index": index,  # into the stored tensor (row/col are in the blocked view)
         "block": j // BLOCK,
         "differs_in": what,
         "input": _json_float(float(xv)),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..layouts import FAMILIES
+
 # Routed expert weights in common namings; a name matches when re.search finds this pattern.
 # The leading (?:^|\.) stops "shared_experts." (and "shared_expert.") from matching, and the
 # trailing $ stops biases, *_blocks / *_scales, routers and norms.
@@ -18,6 +20,11 @@ DEFAULT_INCLUDE = (
     r")$"
 )
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
+EXIT_CODES_HELP = (
+    "Exit 0: every selected tensor compared (in full, or the --sample-rows sample) and bit-identical; "
+    "1: a mismatch; 2: usage or environment error; 3: identical where compared but incomplete "
+    "(tensors skipped, rows excluded as non-finite, a tensor with no finite row; --allow-incomplete makes it 0)."
+)
 REFERENCES = ("auto", "golden", "flashinfer")
 
 
@@ -43,6 +50,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(experts.N.{gate,up,down}_proj.weight, experts.N.w1/w2/w3.weight, fused experts.gate_up_proj / "
         "experts.down_proj, Megatron experts.linear_fc1/fc2.weight[N], experts.local_experts.N.linear_fc*.weight); "
         "routers and shared experts are not matched. Ignored with --synthetic.",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=FAMILIES,
+        default=None,
+        metavar="FAMILY",
+        help="checkpoint family, which decides the in_features dim the 32-blocks run along in fused expert "
+        "tensors (gpt_oss stores [E, in, out], transformers-v5 qwen3_moe [E, out, in]); default: read from the "
+        f"config.json next to the checkpoint (model_type / architectures). Accepted: {', '.join(FAMILIES)}",
+    )
+    parser.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="exit 0 instead of 3 when everything compared is identical but some selected tensors were skipped "
+        "or had non-finite rows excluded (the summary still says INCOMPLETE; a run that compared nothing stays 3)",
     )
     parser.add_argument(
         "--reference",
@@ -103,7 +125,6 @@ def build_parser(prog: str = "megatron-qat parity") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Check megatron_qat's MXFP4 quantizer bit for bit against FlashInfer's fp4_quantize "
-        "or an independent golden model, on checkpoint tensors or built-in adversarial tensors. "
-        "Exit 0: all equal; 1: a mismatch; 2: usage or environment error.",
+        "or an independent golden model, on checkpoint tensors or built-in adversarial tensors. " + EXIT_CODES_HELP,
     )
     return add_arguments(parser)

@@ -170,6 +170,18 @@ class Ours:
         self.device = device
         self.impl = impl
 
+    def check(self, dtypes) -> None:
+        """Before the run: the requested implementation (``--impl`` / ``MEGATRON_QAT_KERNEL``) can run on
+        ``device`` for every dtype; ParityError (exit 2) with megatron_qat.mxfp4's reason otherwise."""
+        from megatron_qat.mxfp4 import resolve_impl
+
+        for dtype in sorted(dtypes, key=str):
+            try:
+                resolve_impl(torch.zeros(1, BLOCK, dtype=dtype, device=self.device), self.impl)
+            except (ValueError, RuntimeError) as exc:  # the dispatch's refusal of a bad or impossible choice
+                where = "--impl" if self.impl is not None else "the environment"
+                raise ParityError(f"megatron_qat.mxfp4 cannot run as {where} asks on {self.device}: {exc}".replace("impl=", "--impl=")) from None
+
     def resolved_impl(self, x: torch.Tensor) -> str:
         from megatron_qat.mxfp4 import resolve_impl
 

@@ -1,24 +1,33 @@
 """What a parity run prints (table + summary on stdout) and writes (``--json``, schema in
-docs/parity.md, ``"schema": "megatron-qat.parity/1"``)."""
+docs/parity.md, ``"schema": "megatron-qat.parity/2"``).
+
+The summary line's head says what the exit code means: ``PARITY OK`` (0; ``PARITY OK (SAMPLED)``
+when ``--sample-rows`` chose a subset), ``PARITY MISMATCH`` (1), ``PARITY INCOMPLETE`` (3, or 0
+with ``--allow-incomplete``, then ``PARITY OK (INCOMPLETE, ...)``), ``PARITY NOT RUN (INCOMPLETE)``
+when nothing was compared (3)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 
-from .compare import TensorResult
+from .compare import NOT_COMPARED, TensorResult
 
-SCHEMA = "megatron-qat.parity/1"
+SCHEMA = "megatron-qat.parity/2"
 
 
 def totals(results: list[TensorResult]) -> dict:
     compared = [r for r in results if not r.skipped]
-    keys = ("elements_compared", "code_mismatches", "scale_mismatches", "value_mismatches", "dequant_mismatches", "nonfinite_values", "excluded_rows")
+    keys = ("rows_total", "rows_selected", "rows_compared", "elements_compared", "code_mismatches", "scale_mismatches", "value_mismatches", "dequant_mismatches", "nonfinite_values", "excluded_rows")
     out = {
         "tensors_selected": len(results),
         "tensors_compared": len(compared),
         "tensors_mismatched": sum(r.mismatched for r in compared),
         "tensors_skipped": len(results) - len(compared),
+        "tensors_not_compared": sum(r.status == NOT_COMPARED for r in results),
+        "tensors_incomplete": sum(not r.complete for r in results),
     }
     out.update({k: sum(getattr(r, k) for r in compared) for k in keys})
     worst = max((r.max_abs_diff for r in compared), default=0.0)
@@ -38,35 +47,41 @@ def summary_line(doc: dict) -> str:
     ref = doc["reference"]["name"]
     ours = doc["ours"]
     where = f"ours=megatron_qat.mxfp4[{','.join(ours['impls']) or '-'}] on {ours['device']}"
-    if doc["status"] == "equal":
-        head = "PARITY OK"
-        body = f"codes, scale bytes and values bit-identical to {ref}"
-    else:
+    status, reasons = doc["status"], "; ".join(doc["incomplete"])
+    sampled = f"; sampled {t['rows_selected']} of {t['rows_total']} rows (--sample-rows)" if doc["sampled"] else ""
+    if status == "nothing compared":
+        return f"PARITY NOT RUN (INCOMPLETE): nothing compared of {t['tensors_selected']} selected tensors: {reasons} (see the table)"
+    if status == "mismatch":
         head = "PARITY MISMATCH"
         body = (
             f"{t['tensors_mismatched']} tensor(s) differ from {ref}: {t['code_mismatches']} codes, {t['scale_mismatches']} "
             f"scales, {t['value_mismatches']} values, {t['dequant_mismatches']} fp32 decodes; max |diff| {t['max_abs_diff']}"
         )
-    extra = f"; {t['tensors_skipped']} skipped" if t["tensors_skipped"] else ""
-    if t["nonfinite_values"]:
-        extra += f"; {t['nonfinite_values']} non-finite values ({t['excluded_rows']} rows excluded)"
+    else:
+        body = f"codes, scale bytes and values bit-identical to {ref}"
+        if status == "incomplete":
+            head = "PARITY OK (INCOMPLETE, allowed by --allow-incomplete)" if doc["exit_code"] == 0 else "PARITY INCOMPLETE"
+        else:
+            head = "PARITY OK (SAMPLED)" if doc["sampled"] else "PARITY OK"
+    extra = f"; INCOMPLETE: {reasons}" if reasons else ""
     return (
-        f"{head}: {t['tensors_compared']} tensors, {_human(t['elements_compared'])} elements, {body} "
-        f"(reference={ref}: {doc['reference']['reason']}; {where}){extra}"
+        f"{head}: {t['tensors_compared'] - t['tensors_not_compared']} tensors, {_human(t['elements_compared'])} elements, {body} "
+        f"(reference={ref}: {doc['reference']['reason']}; {where}){sampled}{extra}"
     )
 
 
 def table(results: list[TensorResult], max_rows: int) -> str:
-    header = ("status", "tensor", "shape", "dtype", "elements", "codes!=", "scales!=", "values!=", "max|diff|")
+    header = ("status", "tensor", "shape", "dtype", "blocked", "elements", "codes!=", "scales!=", "values!=", "max|diff|")
     rows = []
-    shown = sorted(results, key=lambda r: (r.status == "equal", r.skipped))[:max_rows]
+    shown = sorted(results, key=lambda r: (r.status == "equal" and r.complete, r.skipped))[:max_rows]
     for r in shown:
-        status = "SKIP" if r.skipped else ("OK" if r.status == "equal" else "DIFF")
-        elems = _human(r.elements_compared) + ("" if r.rows_compared in (0, r.rows_total) else f" ({r.rows_compared}/{r.rows_total} rows)")
+        status = "SKIP" if r.skipped else ("DIFF" if r.mismatched else ("NONE" if r.status == NOT_COMPARED else ("OK" if r.complete else "PART")))
+        elems = _human(r.elements_compared) + ("" if r.rows_compared == r.rows_total else f" ({r.rows_compared}/{r.rows_total} rows)")
+        cells = (status, r.name, "x".join(map(str, r.shape)), r.dtype, _blocked(r))
         rows.append(
-            (status, r.name, "x".join(map(str, r.shape)), r.dtype, elems, str(r.code_mismatches), str(r.scale_mismatches), str(r.value_mismatches + r.dequant_mismatches), f"{r.max_abs_diff:g}")
-            if not r.skipped
-            else (status, r.name, "x".join(map(str, r.shape)), r.dtype, r.status, "", "", "", "")
+            (*cells, elems, str(r.code_mismatches), str(r.scale_mismatches), str(r.value_mismatches + r.dequant_mismatches), f"{r.max_abs_diff:g}")
+            if not r.skipped and r.status != NOT_COMPARED
+            else (*cells, r.status, "", "", "", "")
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     widths[1] = min(widths[1], 72)
@@ -74,6 +89,7 @@ def table(results: list[TensorResult], max_rows: int) -> str:
     lines = [fmt(header)] + [fmt(row) for row in rows]
     if len(results) > len(shown):
         lines.append(f"... {len(results) - len(shown)} more equal tensors (all in --json)")
+    lines.append("blocked: the stored dim the 32-blocks run along (in_features), family:role from the layout table")
     for r in results:
         if r.first_mismatch:
             m = r.first_mismatch
@@ -87,7 +103,24 @@ def table(results: list[TensorResult], max_rows: int) -> str:
     return "\n".join(lines)
 
 
+def _blocked(r: TensorResult) -> str:
+    lay = r.layout or {}
+    what = ":".join(v for v in (lay.get("family"), lay.get("role")) if v) or lay.get("rule", "")
+    return f"dim{lay.get('blocked_dim')} {what}".strip()
+
+
 def write_json(path: str, doc: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, allow_nan=False)
-        f.write("\n")
+    """Write ``doc`` to ``path`` atomically (a temporary file in the same directory, then rename):
+    never a half-written report."""
+    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".parity-", suffix=".json.tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report gets the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,23 +1,42 @@
-"""One parity run: resolve sources, pick the reference, compare tensor by tensor, report.
+"""One parity run: resolve sources and layouts, pick the reference, compare tensor by tensor, report.
 
-Returns the exit code: 0 all compared tensors equal, 1 any mismatch, 2 usage/environment
-error (raised as :class:`ParityError` and printed by :func:`main`)."""
+Returns the exit code (:mod:`.errors`): 0 every selected tensor compared in full (or the
+``--sample-rows`` sample) and identical; 1 any mismatch; 2 usage/environment error (raised as
+:class:`ParityError`, one line on stderr, and a ``--json`` report with ``"status": "error"`` where
+the path is writable); 3 identical where compared but incomplete (tensors skipped, rows excluded
+as non-finite, a tensor with no finite row, nothing compared); ``--allow-incomplete`` turns 3 into
+0 unless nothing at all was compared."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shlex
 import sys
 import time
 
 import torch
 
-from .compare import BatchInput, TensorResult, compare_batch
-from .errors import EXIT_EQUAL, EXIT_ERROR, EXIT_MISMATCH, ParityError
+from .compare import NOT_COMPARED, BatchInput, TensorResult, compare_batch
+from .errors import EXIT_EQUAL, EXIT_ERROR, EXIT_INCOMPLETE, EXIT_MISMATCH, ParityError
 from .progress import Progress
 from .report import SCHEMA, summary_line, table, totals, write_json
 from .rows import plan_batches, sampled_rows
 from .sources import TensorEntry, iter_entries, resolve, synthetic_entries
+from .tensor_layout import assign, run_family, synthetic_layout
+
+
+def _json_problem(path: str) -> str | None:
+    """Why ``--json PATH`` cannot be written (checked before the run), or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"--json {path}: is a directory"
+    if not os.path.isdir(parent):
+        return f"--json {path}: directory {parent} does not exist"
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"--json {path}: not writable"
+    return None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -25,37 +44,45 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ParityError(f"--{flag.replace('_', '-')}={value}: must be a positive integer")
+    if args.json and _json_problem(args.json):
+        raise ParityError(_json_problem(args.json))
     if args.synthetic and args.paths:
         raise ParityError("--synthetic checks the built-in tensors and takes no PATH")
+    if args.layout and (args.synthetic or not args.paths):
+        raise ParityError(f"--layout {args.layout} applies to checkpoints; the built-in --synthetic tensors have their own layout")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ParityError("--device cuda: no CUDA GPU is visible (use --device cpu)")
 
 
 def _select(entries: list[TensorEntry], pattern: str, paths: list[str]) -> list[TensorEntry]:
+    shown = f"--include {shlex.quote(pattern)}"  # pasteable back into a shell, backslashes as typed
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise ParityError(f"--include {pattern!r}: not a valid regular expression ({exc})") from exc
+        raise ParityError(f"{shown}: not a valid regular expression ({exc})") from exc
     selected = [e for e in entries if regex.search(e.name)]
     if not selected:
-        example = ", ".join(repr(e.name) for e in entries[:3])
+        example = ", ".join(e.name for e in entries[:3])
         raise ParityError(
-            f"no tensor name in {', '.join(paths)} matches --include {pattern!r} ({len(entries)} tensors"
-            + (f", e.g. {example})" if entries else ")")
+            f"no tensor name in {', '.join(paths)} matches {shown} ({len(entries)} tensors" + (f", e.g. {example})" if entries else ")")
         )
     return selected
 
 
 def _compare_tensor(entry: TensorEntry, args, reference, ours, progress: Progress) -> TensorResult:
-    result = TensorResult(entry.name, entry.file, list(entry.shape), entry.dtype_name, entry.numel, rows_total=entry.rows)
+    result = TensorResult(
+        entry.name, entry.file, list(entry.shape), entry.dtype_name, entry.numel, layout=entry.layout,
+        blocked_shape=list(entry.blocked_shape), rows_total=entry.rows,
+    )
     reason = entry.skip_reason or reference.unsupported(entry.dtype)
     if reason:
         result.status = reason
         return result
     start = time.perf_counter()
-    k = entry.shape[-1]
+    k = entry.k
     result.impl = ours.resolved_impl(torch.zeros(1, k, dtype=entry.dtype))
     rows = sampled_rows(entry.rows, args.sample_rows)
+    result.rows_selected = entry.rows if rows is None else len(rows)
     for batch in plan_batches(entry.rows, entry.matrix_rows, rows, args.chunk_elements // k):
         x = torch.cat([entry.read_rows(a, b) for a, b in batch])
         ids = torch.cat([torch.arange(a, b) for a, b in batch])
@@ -66,11 +93,58 @@ def _compare_tensor(entry: TensorEntry, args, reference, ours, progress: Progres
             result.excluded_rows += int((~keep).sum())
             x, ids = x[keep], ids[keep]
         if x.shape[0]:
-            compare_batch(result, BatchInput(x.contiguous(), ids, entry.shape), reference.quantize(x), ours.run(x), not reference.decodes_negative_zero)
+            batch_input = BatchInput(x.contiguous(), ids, entry.blocked_shape, entry.stored_index)
+            compare_batch(result, batch_input, reference.quantize(x), ours.run(x), not reference.decodes_negative_zero)
         progress.advance(sum(b - a for a, b in batch) * k)
     result.elapsed_s = round(time.perf_counter() - start, 4)
     result.finish()
     return result
+
+
+def incomplete_reasons(results: list[TensorResult]) -> list[str]:
+    """Why the comparison covered less than was selected ([] = complete)."""
+    reasons = []
+    skipped = [r for r in results if r.skipped]
+    if skipped:
+        reasons.append(f"{len(skipped)} tensor(s) skipped")
+    empty = [r for r in results if r.status == NOT_COMPARED]
+    if empty:
+        reasons.append(f"{len(empty)} tensor(s) with no finite row")
+    partial = [r for r in results if r.rows_compared and r.excluded_rows]
+    if partial:
+        reasons.append(f"{sum(r.excluded_rows for r in partial)} row(s) holding non-finite values excluded from {len(partial)} tensor(s)")
+    return reasons
+
+
+def outcome(results: list[TensorResult], allow_incomplete: bool) -> tuple[str, int, list[str]]:
+    """(status, exit code, incomplete reasons) of a finished run."""
+    reasons = incomplete_reasons(results)
+    if any(r.mismatched for r in results):
+        return "mismatch", EXIT_MISMATCH, reasons
+    if not any(r.rows_compared for r in results):
+        return "nothing compared", EXIT_INCOMPLETE, reasons  # never a pass, --allow-incomplete or not
+    if reasons:
+        return "incomplete", EXIT_EQUAL if allow_incomplete else EXIT_INCOMPLETE, reasons
+    return "equal", EXIT_EQUAL, reasons
+
+
+def _base_doc(args: argparse.Namespace) -> dict:
+    from megatron_qat import __version__
+
+    synthetic = args.synthetic or not args.paths
+    return {
+        "schema": SCHEMA,
+        "tool_version": __version__,
+        "status": "error",
+        "exit_code": EXIT_ERROR,
+        "sources": ["synthetic"] if synthetic else list(args.paths),
+        "include": None if synthetic else args.include,
+        "block_size": 32,
+        "options": {
+            "limit": args.limit, "sample_rows": args.sample_rows, "chunk_elements": args.chunk_elements,
+            "layout": args.layout, "allow_incomplete": args.allow_incomplete,
+        },
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,18 +155,27 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     if synthetic:
         selected = synthetic_entries()
+        layout = {"family": None, "source": "synthetic", "note": None}
     else:
-        entries = list(iter_entries(resolve(args.paths), args.trust_pickle, notes))
-        selected = _select(entries, args.include, args.paths)
+        files = resolve(args.paths)
+        family, source, why = run_family(args.layout, args.paths, notes)
+        layout = {"family": family, "source": source, "note": why}
+        selected = _select(list(iter_entries(files, args.trust_pickle, notes)), args.include, args.paths)
     if args.limit is not None:
         selected = selected[: args.limit]
+    for entry in selected:  # every layout is decided (or refused) before anything is compared
+        if synthetic:
+            synthetic_layout(entry)
+        else:
+            assign(entry, layout["family"], layout["note"])
 
     from .references import Ours, choose_reference
 
     reference = choose_reference(args.reference, args.allow_unsupported_gpu)
     ours = Ours(device, args.impl)
+    ours.check({e.dtype for e in selected if not e.skip_reason and not reference.unsupported(e.dtype)})
     planned = sum(
-        (min(e.rows, args.sample_rows) if args.sample_rows else e.rows) * e.shape[-1] for e in selected if not e.skip_reason
+        (min(e.rows, args.sample_rows) if args.sample_rows else e.rows) * e.k for e in selected if not e.skip_reason
     )
     progress = Progress(planned, len(selected), enabled=not args.quiet)
     results = []
@@ -103,23 +186,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
 
-    compared = [r for r in results if not r.skipped]
-    mismatched = any(r.mismatched for r in compared)
-    status = "mismatch" if mismatched else ("equal" if compared else "nothing compared")
-    code = EXIT_MISMATCH if mismatched else (EXIT_EQUAL if compared else EXIT_ERROR)
-    from megatron_qat import __version__
-
+    status, code, reasons = outcome(results, args.allow_incomplete)
     doc = {
-        "schema": SCHEMA,
-        "tool_version": __version__,
+        **_base_doc(args),
         "status": status,
         "exit_code": code,
-        "sources": ["synthetic"] if synthetic else list(args.paths),
-        "include": None if synthetic else args.include,
-        "block_size": 32,
-        "options": {"limit": args.limit, "sample_rows": args.sample_rows, "chunk_elements": args.chunk_elements},
+        "complete": not reasons,
+        "incomplete": reasons,
+        "sampled": any(r.rows_selected < r.rows_total for r in results if not r.skipped),
+        "layout": layout,
         "reference": reference.describe(),
-        "ours": {**ours.describe(), "impls": sorted({r.impl for r in compared if r.impl})},
+        "ours": {**ours.describe(), "impls": sorted({r.impl for r in results if r.impl})},
         "totals": {**totals(results), "elapsed_s": round(time.perf_counter() - started, 3)},
         "notes": notes,
         "tensors": [r.to_json() for r in results],
@@ -127,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     print(table(results, args.max_rows_shown))
     for note in notes:
         print(f"note: {note}")
-    print(summary_line(doc) if compared else f"PARITY NOT RUN: all {len(results)} selected tensors were skipped (see the table)")
+    print(summary_line(doc))
     if args.json:
         write_json(args.json, doc)
     return code
@@ -141,8 +218,13 @@ def main(argv: list[str] | None = None, prog: str = "megatron-qat parity") -> in
 
 
 def run_and_report_errors(args: argparse.Namespace) -> int:
+    """:func:`run`, with a usage/environment error printed as one line on stderr (exit 2) and, when
+    ``--json`` is writable, recorded there as ``{"status": "error", "exit_code": 2, "error": ...}``."""
     try:
         return run(args)
     except ParityError as exc:
-        print(f"megatron-qat parity: error: {exc}", file=sys.stderr)
+        message = str(exc).replace("\n", " ")
+        print(f"megatron-qat parity: error: {message}", file=sys.stderr)
+        if args.json and not _json_problem(args.json):
+            write_json(args.json, {**_base_doc(args), "error": message})
         return EXIT_ERROR

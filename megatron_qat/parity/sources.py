@@ -7,8 +7,13 @@ header) and reads a range of its rows on demand. safetensors tensors are read th
 memory. ``.pt`` files are opened with ``torch.load(map_location="cpu", weights_only=True,
 mmap=True)`` (legacy non-zip files fall back to ``mmap=False``, noted in the report).
 
-Rows: a tensor of shape ``[..., K]`` is ``R = prod(shape[:-1])`` rows of ``K`` (a 1-D tensor is one
-row). Ranges never cross the last-but-one dimension (``read_rows`` stays inside one matrix).
+Rows: blocks of 32 run along ``in_features``, which is not always the last stored dimension
+(gpt-oss stores ``[E, in, out]``). An entry has ``in_dim`` (set from :mod:`megatron_qat.layouts`
+by the runner; the last dimension until then) and is read as its *blocked view*: the stored
+tensor with ``in_dim`` moved last, ``R = prod(blocked_shape[:-1])`` rows of ``K = shape[in_dim]``
+(a 1-D tensor is one row). ``read_rows`` ranges never cross the blocked view's last-but-one
+dimension (one matrix); for an ``[E, in, out]`` tensor a range of rows is a slice of columns of
+one expert, read with ``get_slice`` and transposed.
 """
 
 from __future__ import annotations
@@ -32,28 +37,72 @@ SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclass
 class TensorEntry:
-    """One tensor of a source. ``read_rows(start, stop)`` -> CPU tensor ``[stop - start, K]``."""
+    """One tensor of a source. ``read_rows(start, stop)`` -> CPU tensor ``[stop - start, K]`` of rows
+    of the blocked view (``in_dim`` last). ``read_stored(index)`` indexes the stored tensor."""
 
     name: str
     file: str | None
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as stored
     dtype_name: str  # as stored ("BF16", "torch.bfloat16", ...)
     dtype: torch.dtype | None  # None unless it is one of SUPPORTED
-    skip_reason: str | None
-    read_rows: Callable[[int, int], torch.Tensor] = field(repr=False)
+    dtype_skip: str | None
+    read_stored: Callable[[tuple], torch.Tensor] = field(repr=False)
+    in_dim: int | None = None  # the in_features dim of the stored shape; None: the last one
+    layout: dict | None = None  # what decided in_dim (family, role, ...), for the report
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def k_dim(self) -> int:
+        return len(self.shape) - 1 if self.in_dim is None else self.in_dim
+
+    @property
+    def blocked_dims(self) -> tuple[int, ...]:
+        """Stored dim of each blocked-view dim: the others in order, then ``in_dim``."""
+        k = self.k_dim
+        return tuple(d for d in range(len(self.shape)) if d != k) + ((k,) if self.shape else ())
+
+    @property
+    def blocked_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[d] for d in self.blocked_dims)
+
+    @property
+    def k(self) -> int:
+        return self.blocked_shape[-1] if self.shape else 0
+
+    @property
+    def skip_reason(self) -> str | None:
+        return self.dtype_skip or _shape_skip(self.blocked_shape)
+
+    @property
     def rows(self) -> int:
-        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else (1 if self.shape else 0)
+        b = self.blocked_shape
+        return math.prod(b[:-1]) if len(b) > 1 else (1 if b else 0)
 
     @property
     def matrix_rows(self) -> int:
-        """Rows per innermost matrix (``shape[-2]``); ranges never cross a multiple of it."""
-        return self.shape[-2] if len(self.shape) > 1 else 1
+        """Rows per innermost matrix of the blocked view; ranges never cross a multiple of it."""
+        b = self.blocked_shape
+        return b[-2] if len(b) > 1 else 1
+
+    def stored_index(self, blocked_index: list[int]) -> list[int]:
+        """An index into the blocked view -> the same element's index into the stored tensor."""
+        out = [0] * len(self.shape)
+        for j, d in enumerate(self.blocked_dims):
+            out[d] = int(blocked_index[j])
+        return out
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        bidx = _row_index(self.blocked_shape, start, stop)
+        sidx = [slice(None)] * len(self.shape)  # the in_features dim stays whole
+        for d, i in zip(self.blocked_dims, bidx):
+            sidx[d] = i
+        t = self.read_stored(tuple(sidx))
+        if len(self.shape) > 1 and self.k_dim < self.blocked_dims[-2]:
+            t = t.transpose(0, 1)  # stored [.., in, .., out]: the slice came back [K, rows]
+        return t.reshape(-1, self.k)
 
 
 def _dtype_skip(dtype_name: str, floating: bool) -> str | None:
@@ -72,6 +121,10 @@ def _shape_skip(shape: tuple[int, ...], block: int = 32) -> str | None:
     return None
 
 
+def _index_text(index: tuple) -> str:
+    return ", ".join(f"{i.start or ''}:{'' if i.stop is None else i.stop}" if isinstance(i, slice) else str(i) for i in index)
+
+
 def _row_index(shape: tuple[int, ...], start: int, stop: int) -> tuple:
     """Index selecting flat rows [start, stop) of one matrix of a tensor of ``shape``."""
     if len(shape) == 1:
@@ -85,10 +138,6 @@ def _row_index(shape: tuple[int, ...], start: int, stop: int) -> tuple:
         outer.append(lead % dim)
         lead //= dim
     return (*reversed(outer), slice(start % n, stop - (start - start % n)))
-
-
-def _as_rows(t: torch.Tensor, k: int) -> torch.Tensor:
-    return t.reshape(-1, k)
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -117,17 +166,13 @@ def safetensors_entries(path: str, names: list[str] | None = None) -> list[Tenso
         shape = tuple(int(d) for d in sl.get_shape())
         dname = sl.get_dtype()
         dtype = _ST_DTYPES.get(dname)
-        if dtype is None:
-            floating = dname.startswith("F") or dname in ("BF16",)
-            skip = _dtype_skip(dname, floating)
-        else:
-            skip = _shape_skip(shape)
+        skip = None if dtype is not None else _dtype_skip(dname, dname.startswith("F") or dname == "BF16")
 
-        def read(start: int, stop: int, _name=name, _shape=shape) -> torch.Tensor:
+        def read(index: tuple, _name=name) -> torch.Tensor:
             try:
-                return _as_rows(handle.get_slice(_name)[_row_index(_shape, start, stop)], _shape[-1])
+                return handle.get_slice(_name)[index]
             except Exception as exc:
-                raise ParityError(f"{path}: reading rows {start}:{stop} of {_name} failed: {exc}") from exc
+                raise ParityError(f"{path}: reading {_name}[{_index_text(index)}] failed: {exc}") from exc
 
         entries.append(TensorEntry(name, path, shape, dname, dtype, skip, read))
     return entries
@@ -199,14 +244,10 @@ def load_torch(path: str, trust_pickle: bool, notes: list[str]) -> dict[str, tor
 def _tensor_entry(name: str, file: str | None, t: torch.Tensor) -> TensorEntry:
     shape = tuple(t.shape)
     if t.dtype in SUPPORTED:
-        skip, dtype = _shape_skip(shape), t.dtype
+        skip, dtype = None, t.dtype
     else:
         skip, dtype = _dtype_skip(str(t.dtype).replace("torch.", ""), t.dtype.is_floating_point), None
-
-    def read(start: int, stop: int) -> torch.Tensor:
-        return _as_rows(t[_row_index(shape, start, stop)], shape[-1])
-
-    return TensorEntry(name, file, shape, str(t.dtype).replace("torch.", ""), dtype, skip, read)
+    return TensorEntry(name, file, shape, str(t.dtype).replace("torch.", ""), dtype, skip, t.__getitem__)
 
 
 def torch_entries(path: str, trust_pickle: bool, notes: list[str]) -> list[TensorEntry]:

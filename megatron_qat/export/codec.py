@@ -1,8 +1,9 @@
 """Quantize the expert weights of one module with the training numerics.
 
 The training forward fake-quantizes each expert weight ``W [out, in]`` of a TEGroupedLinear with
-:func:`megatron_qat.mxfp4.fake_quantize` (blocks of 32 along ``in``). Shipping the bits means
-encoding the same BF16 master weights with :func:`megatron_qat.mxfp4.quantize`: for finite input,
+:func:`megatron_qat.mxfp4.fake_quantize_many` (blocks of 32 along ``in``). Shipping the bits means
+encoding the same BF16 master weights with :func:`megatron_qat.mxfp4.quantize_many` (one kernel
+launch per module on CUDA): for finite input,
 ``dequantize(*quantize(W)) == fake_quantize(W)`` bit for bit (docs/numerics.md), so the decoded
 export equals the weight the forward used.
 """
@@ -50,17 +51,11 @@ def quantize_experts(
             raise ExportError(f"{name}: expected a 2-D weight of shape {shape}, got {tuple(w.shape)}")
         check_in_features(name, w.shape[-1], block_size)
         raise_if_nonfinite(w, name)
-    stacked = torch.stack([w.detach() for w in weights])
-    codes, scales = _quantize(stacked, block_size, impl)
-    return codes, scales
+    pairs = mxfp4.quantize_many([w.detach() for w in weights], block_size, impl=impl)  # one launch per module
+    return torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
-def _quantize(x: torch.Tensor, block_size: int, impl: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The single call into the op layer (one launch for all experts of a module)."""
-    return mxfp4.quantize(x, block_size, impl=impl)
-
-
-def raise_if_nonfinite(w: torch.Tensor, name: str, *, lead: str = "row") -> None:
+def raise_if_nonfinite(w: torch.Tensor, name: str) -> None:
     """ExportError naming ``name`` and the first row holding NaN/inf.
 
     ``w`` is ``[..., out, in]`` (in_features last); the row is reported as the index of every dim

@@ -614,3 +614,40 @@ def test_check_runs_on_every_quantization_and_never_on_a_hit(cache):
     assert checked == [BLOCK, BLOCK]
     with pytest.raises(RuntimeError, match="refused"):
         wc.fake_weights(layer, ws, BLOCK, check=lambda m, w, b: (_ for _ in ()).throw(RuntimeError("refused")))
+
+
+def test_every_output_carries_the_parameter_attributes(cache):
+    """Hit, miss and uncached outputs carry the Parameter's attributes (grad_protocol.carry_attributes:
+    main_grad by reference, offloading_activation, ...), grad mode or not."""
+    layer = _layer(fuse=True)
+    params = _experts(layer)
+    DDPLikeHooks(params)
+    for p in params:
+        p.offloading_activation = False
+    for grad_mode in (False, True, True):
+        with torch.set_grad_enabled(grad_mode):
+            layer(_x(10, 0), SPLITS[0])
+        for p, q in zip(params, layer.received[-1]):
+            assert q.main_grad is p.main_grad and q.offloading_activation is False
+            assert hasattr(q, "grad_added_to_main_grad")
+    layer.disable_parameter_transpose_cache = True
+    layer(_x(10, 0), SPLITS[0])
+    assert all(q.main_grad is p.main_grad for p, q in zip(params, layer.received[-1]))
+    assert _stats() == (2, 1, 1)
+
+
+def test_forward_wrapper_switched_off_is_a_pass_through():
+    class Switch:
+        active = True
+
+    switch = Switch()
+
+    class Base(torch.nn.Module):
+        def forward(self, inp, m_splits, is_first_microbatch=None):
+            return self.__dict__.get(wc.FLAG_ATTR, "absent")
+
+    Base.forward = wc.make_forward_wrapper(Base.__dict__["forward"], switch)
+    m = Base()
+    assert m(0, [1], True) is True
+    switch.active = False
+    assert m(0, [1], True) == "absent"

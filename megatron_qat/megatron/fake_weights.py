@@ -11,8 +11,9 @@ Upstream protocol mimicked (Transformer Engine 2.20.2 ``_GroupedLinear.backward`
 - Megatron's hook on the Parameter's AccumulateGrad adds ``param.grad`` into ``main_grad`` unless the
   Parameter's own ``grad_added_to_main_grad`` is True (or ``zero_out_wgrad``).
 
-So each ``q`` carries the Parameter's :data:`CARRIED_ATTRIBUTES` (``main_grad`` by reference), the
-flag owners are decided at connect time (fusion on, Parameter requires grad and has the flag), and
+So each ``q`` carries every Python attribute of its Parameter (``grad_protocol.carry_attributes``:
+the Parameter's ``__dict__`` by reference, ``main_grad`` included -- one rule for the cached and the
+uncached path), read when the node is built; the flag owners are decided at that time too (fusion on, Parameter requires grad and has the flag), and
 the backward sets the owner's flag True for every gradient that arrives and returns that gradient
 unchanged (TE's dummy: no extra tensor, no extra add; a None stays None).
 
@@ -22,18 +23,15 @@ no tensor, so it may be reached by several backward passes: the weight cache
 (:mod:`megatron_qat.megatron.weight_cache`) builds one node per module per cached weight version
 and hands the same outputs to every micro-batch; each micro-batch's TE node has its own edge to it,
 and each backward that reaches it delivers that micro-batch's gradient to the Parameters once.
-
-The attribute list is this module's copy of the rule in ``grad_protocol.py`` (helper A1 is
-rewriting that file; the coordinator unifies the two lists into one source of truth).
 """
 
 from __future__ import annotations
 
 import torch
 
-CARRIED_ATTRIBUTES = ("main_grad", "grad_added_to_main_grad", "zero_out_wgrad", "overwrite_main_grad")
+from .grad_protocol import carry_attributes
+
 FLAG = "grad_added_to_main_grad"
-_ABSENT = object()
 
 
 class FakeWeightsSTE(torch.autograd.Function):
@@ -64,8 +62,5 @@ def connect_fake_weights(fakes: list, weights: list, fuse_wgrad_accumulation: bo
     )
     outs = FakeWeightsSTE.apply(fakes, owners, *weights)
     for w, q in zip(weights, outs):
-        for name in CARRIED_ATTRIBUTES:
-            value = getattr(w, name, _ABSENT)
-            if value is not _ABSENT:
-                setattr(q, name, value)
+        carry_attributes(w, q)
     return list(outs)

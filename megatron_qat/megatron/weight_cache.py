@@ -75,6 +75,7 @@ from typing import Callable, Mapping
 import torch
 
 from .fake_weights import connect_fake_weights
+from .grad_protocol import carry_attributes
 
 CACHE_ENV = "MEGATRON_QAT_CACHE"
 FLAG_ATTR = "_megatron_qat_is_first_microbatch"  # set on the module by the forward wrapper
@@ -94,7 +95,8 @@ def caching_from_env(environ: Mapping[str, str] | None = None) -> bool:
         return True
     if value == "0":
         return False
-    raise ValueError(f'{CACHE_ENV}={raw!r}: accepted values are "1" or empty/unset (cache on, the default), "0" (off)')
+    # the message has the shape of megatron_qat.config.reject (until CACHE_ENV joins config.VARIABLES)
+    raise ValueError(f'{CACHE_ENV}={raw!r}: accepted values are "1" (cache on), "0" (cache off); unset or empty means on')
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,11 @@ _version_of = operator.attrgetter("_version")
 _data_ptr = torch.Tensor.data_ptr
 
 
+def _carry_all(weights, fakes) -> None:
+    for w, f in zip(weights, fakes):
+        carry_attributes(w, f)
+
+
 def _capturing(weights) -> bool:
     return weights[0].is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -267,6 +274,7 @@ def fake_weights(module, weights: list, block_size: int, *, check: Callable | No
             fakes = entry.quantizer(weights)
         if grad and any(w.requires_grad for w in weights):
             return connect_fake_weights(fakes, weights, bool(getattr(module, "fuse_wgrad_accumulation", False)))
+        _carry_all(weights, fakes)
         return fakes
     ids = list(map(id, weights))
     versions = list(map(_version_of, weights))
@@ -280,6 +288,7 @@ def fake_weights(module, weights: list, block_size: int, *, check: Callable | No
             check(module, weights, block_size)
         with torch.no_grad():
             fakes = entry.quantizer(weights)
+        _carry_all(weights, fakes)
         entry.weights = tuple(weights)
         entry.plain = fakes
         entry.requires_grad = any(w.requires_grad for w in weights)
@@ -312,9 +321,11 @@ def grouped_linear_forward_class(grouped_linear_cls):
     )
 
 
-def make_forward_wrapper(original):
+def make_forward_wrapper(original, switch=None):
     """Wrap TE's ``GroupedLinear.forward`` (unbound): record the ``is_first_microbatch`` it receives
     on the module (``FLAG_ATTR``) for the duration of the call, restoring the previous value after.
+    ``switch`` (patch.py's ``hook.Switch``; optional): while ``switch.active`` is False the wrapper is
+    a pure pass-through.
 
     Raises:
         TypeError: ``original`` takes no ``is_first_microbatch`` parameter.
@@ -332,6 +343,8 @@ def make_forward_wrapper(original):
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
+        if switch is not None and not switch.active:
+            return original(self, *args, **kwargs)
         if "is_first_microbatch" in kwargs:
             flag = kwargs["is_first_microbatch"]
         elif len(args) >= index:

@@ -264,3 +264,12 @@ def test_progress_line_on_stderr(qwen3_src, tmp_path, capsys):
     assert main(["export", qwen3_src, "--format", "compressed-tensors", "--out", str(tmp_path / "p")]) == 0
     err = capsys.readouterr().err
     assert "export: " in err and "tensors" in err and "(100%)" in err
+
+
+def test_side_files_copied_but_not_other_weight_files(qwen3_src, tmp_path):
+    _copy_with(qwen3_src, tmp_path / "src", lambda t: None)
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    (tmp_path / "src" / "pytorch_model.bin").write_bytes(b"stale bf16 weights")
+    assert _export(str(tmp_path / "src"), "compressed-tensors", tmp_path / "out") == 0
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"]

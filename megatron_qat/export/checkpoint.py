@@ -26,6 +26,8 @@ from .codec import ExportError
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 _SKIP_COPY = (CONFIG_NAME, INDEX_NAME)
+# other weight files (a pytorch_model.bin next to the safetensors) would ship stale BF16 weights
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 
 
 @dataclass
@@ -188,11 +190,12 @@ class AtomicDir:
 
 
 def copy_side_files(src_root: str, dst: str, checkpoint_files: list[str]) -> None:
-    """Copy tokenizer, generation config, ... (every regular file but weights, index, config.json)."""
+    """Copy tokenizer, generation config, ... (every regular file but config.json and weight files:
+    safetensors, indexes, ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` / ``.h5`` / ``.msgpack`` / ``.gguf``)."""
     skip = {os.path.abspath(p) for p in checkpoint_files}
     for name in sorted(os.listdir(src_root)):
         path = os.path.join(src_root, name)
-        if not os.path.isfile(path) or name in _SKIP_COPY or os.path.abspath(path) in skip or name.endswith(".safetensors"):
+        if not os.path.isfile(path) or name in _SKIP_COPY or os.path.abspath(path) in skip or name.endswith(_WEIGHT_SUFFIXES):
             continue
         shutil.copy2(path, os.path.join(dst, name))
 

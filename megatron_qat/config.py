@@ -24,12 +24,13 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from .numerics.constants import DEFAULT_BLOCK_SIZE  # the one definition (torch-free)
+
 MXFP4_FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
 MXFP4_BLOCK_SIZE = "OPEN_TRAINING_MXFP4_BLOCK_SIZE"
 INT4_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
 AUTOLOAD = "MEGATRON_QAT_AUTOLOAD"
 KERNEL = "MEGATRON_QAT_KERNEL"
-DEFAULT_BLOCK_SIZE = 32
 
 _ON_OFF = {"1": True, "0": False}
 KERNEL_CHOICES = {"reference": "reference", "triton": "triton"}

@@ -3,7 +3,8 @@
 Independent of ``megatron_qat.numerics.reference`` in method: the scale exponent comes from
 ``math.frexp`` (not float bits), elements are scaled in float64 (exact here), and E2M1 rounding is a
 nearest-value search over the 8 magnitudes with an explicit ties-to-even-code rule (not thresholds).
-Only the constant RN(1/6) and the FTZ rule are shared facts of the FlashInfer arithmetic.
+Only the constant RN(1/6) (its bits imported from the one definition, megatron_qat.numerics.constants)
+and the FTZ rule are shared facts of the FlashInfer arithmetic.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import math
 
 import numpy as np
 
+from megatron_qat.numerics.constants import RCP_SIX_BITS
+
 MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-RCP_SIX = np.array([0x3E2AAAAB], dtype=np.uint32).view(np.float32)[0]
+RCP_SIX = np.array([RCP_SIX_BITS], dtype=np.uint32).view(np.float32)[0]
 TINY = 2.0**-126
 
 

@@ -23,9 +23,23 @@ def test_auto_on_cpu_is_reference(no_env):
     assert resolve_impl(CPU_BF16, None) == "reference"
 
 
-def test_empty_env_means_auto(no_env):
-    no_env.setenv(KERNEL_ENV, "")
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_empty_env_means_auto(no_env, blank):
+    no_env.setenv(KERNEL_ENV, blank)
     assert resolve_impl(CPU_BF16, None) == "reference"
+
+
+def test_env_uses_the_package_wide_strict_rule(no_env):
+    """One rule for every variable (megatron_qat.config.read): surrounding blanks are stripped,
+    values are case-sensitive, and the error is config.reject's."""
+    from megatron_qat import config
+
+    no_env.setenv(KERNEL_ENV, " reference ")
+    assert resolve_impl(CPU_BF16, None) == "reference"
+    no_env.setenv(KERNEL_ENV, "Reference")
+    with pytest.raises(ValueError) as err:
+        resolve_impl(CPU_BF16, None)
+    assert str(err.value) == str(config.reject(KERNEL_ENV, "Reference"))
 
 
 def test_env_reference_is_honoured(no_env):
@@ -41,12 +55,12 @@ def test_argument_beats_env(no_env):
 @pytest.mark.parametrize("value", ["Triton", "cuda", "ref", "1"])
 def test_invalid_env_value_is_a_value_error_naming_the_variable(no_env, value):
     no_env.setenv(KERNEL_ENV, value)
-    with pytest.raises(ValueError, match=rf"{KERNEL_ENV}=.*accepted values are reference, triton"):
+    with pytest.raises(ValueError, match=rf'{KERNEL_ENV}=.*accepted values are "reference", "triton"; unset or empty means auto'):
         resolve_impl(CPU_BF16, None)
 
 
 def test_invalid_argument_is_a_value_error_naming_impl(no_env):
-    with pytest.raises(ValueError, match=r"impl='fast': accepted values are reference, triton"):
+    with pytest.raises(ValueError, match=r"impl='fast': accepted values are \"reference\", \"triton\""):
         resolve_impl(CPU_BF16, "fast")
 
 

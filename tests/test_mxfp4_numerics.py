@@ -15,9 +15,8 @@ import torch
 import scalar_oracle
 from megatron_qat import mxfp4
 from megatron_qat.numerics import families
+from megatron_qat.numerics.format import INT_VIEW_DTYPES as INT_VIEW
 from megatron_qat.numerics.reference import e2m1_round_codes, e8m0_ceil_from_float32
-
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..numerics.format import check_block_size, check_finite, check_group, check_input
+from ..numerics.format import DEFAULT_BLOCK_SIZE, check_block_size, check_finite, check_group, check_input
 from . import qdq_jit
 
 # Launch heuristic: about this many elements per program (8 KiB of bf16 in flight per program).
@@ -104,7 +104,7 @@ def _run_single(x: torch.Tensor, block_size: int, write_values: bool, write_code
     return out, codes, scales
 
 
-def fake_quantize(x: torch.Tensor, block_size: int = 32, **launch) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, **launch) -> torch.Tensor:
     """MXFP4 quantize -> dequantize of ``x`` in one pass; see the module docstring.
     ``launch`` (``elems_per_program``, ``num_warps``) overrides the tile heuristic (benchmarks)."""
     check_block_size(block_size)
@@ -113,7 +113,7 @@ def fake_quantize(x: torch.Tensor, block_size: int = 32, **launch) -> torch.Tens
     return out.view(x.shape)
 
 
-def quantize(x: torch.Tensor, block_size: int = 32, **launch) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, **launch) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed E2M1 codes and E8M0 scale bytes of ``x``; raises ValueError on non-finite input."""
     check_block_size(block_size)
     xc = _check_tensor(x, block_size, "x")
@@ -266,7 +266,7 @@ def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
 
 
 def fake_quantize_many_flat(
-    xs, block_size: int = 32, *, tables: GroupTableSlot | None = None, **launch
+    xs, block_size: int = DEFAULT_BLOCK_SIZE, *, tables: GroupTableSlot | None = None, **launch
 ) -> torch.Tensor:
     """:func:`fake_quantize` of every tensor of ``xs`` in one kernel launch (host-sync free), as ONE
     flat tensor: the outputs' elements in order (``xs[0]`` first). ``xs`` must not be empty.
@@ -282,7 +282,7 @@ def fake_quantize_many_flat(
     return flat_out
 
 
-def fake_quantize_many(xs, block_size: int = 32, *, tables: GroupTableSlot | None = None, **launch) -> list[torch.Tensor]:
+def fake_quantize_many(xs, block_size: int = DEFAULT_BLOCK_SIZE, *, tables: GroupTableSlot | None = None, **launch) -> list[torch.Tensor]:
     """:func:`fake_quantize_many_flat` split into views shaped like ``xs`` (``[]`` for ``[]``)."""
     originals = check_group(xs, block_size)
     if not originals:
@@ -290,7 +290,7 @@ def fake_quantize_many(xs, block_size: int = 32, *, tables: GroupTableSlot | Non
     return _split(fake_quantize_many_flat(originals, block_size, tables=tables, **launch), [t.shape for t in originals])
 
 
-def quantize_many(xs, block_size: int = 32, **launch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def quantize_many(xs, block_size: int = DEFAULT_BLOCK_SIZE, **launch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`quantize` of every tensor of ``xs`` in one launch; raises ValueError on non-finite input."""
     check_block_size(block_size)
     originals = check_group(xs, block_size)

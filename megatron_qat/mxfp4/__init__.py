@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 
-def quantize(x: torch.Tensor, block_size: int = 32, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MXFP4-quantize ``x`` exactly as FlashInfer does.
 
     Args:
@@ -82,7 +82,7 @@ def quantize(x: torch.Tensor, block_size: int = 32, *, impl: str | None = None) 
 
 
 def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block_size: int = 32
+    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> torch.Tensor:
     """Decode MXFP4: ``value = E2M1(code) * 2 ** (scale - 127)``, computed exactly in float32 and
     rounded to ``dtype`` (IEEE: a value beyond the dtype's range becomes +-inf). Code 0x8 gives -0.0;
@@ -91,7 +91,7 @@ def dequantize(
     return dequantize_reference(codes, scales, dtype, block_size)
 
 
-def fake_quantize(x: torch.Tensor, block_size: int = 32, *, impl: str | None = None) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None) -> torch.Tensor:
     """Quantize-dequantize ``x`` to MXFP4 in one call; same shape, dtype and device as ``x``.
 
     For finite input the result equals ``dequantize(*quantize(x, block_size), dtype=x.dtype,
@@ -105,7 +105,7 @@ def fake_quantize(x: torch.Tensor, block_size: int = 32, *, impl: str | None = N
     return backends.fake_quantize(x, block_size, impl)
 
 
-def fake_quantize_many(xs, block_size: int = 32, *, impl: str | None = None) -> list[torch.Tensor]:
+def fake_quantize_many(xs, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None) -> list[torch.Tensor]:
     """:func:`fake_quantize` of each tensor of a list (e.g. every expert weight of a
     TEGroupedLinear). With the Triton kernel all tensors go through ONE launch (the outputs are
     views into one buffer); the reference loops. Every tensor must share one dtype and device
@@ -121,7 +121,7 @@ def fake_quantize_many(xs, block_size: int = 32, *, impl: str | None = None) -> 
     return backends.fake_quantize_many(xs, block_size, impl)
 
 
-def quantize_many(xs, block_size: int = 32, *, impl: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def quantize_many(xs, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`quantize` of each tensor of a list: ``[(codes, scales), ...]`` in order, each with the
     shapes of :func:`quantize` (for the weight export). With the Triton kernel all tensors go through
     ONE launch; the reference loops. One dtype and device for the list; non-finite input raises

@@ -3,13 +3,15 @@
 Contract (docs/kernel.md, "Dispatch"):
 
 1. the ``impl`` argument when given, else
-2. ``MEGATRON_QAT_KERNEL`` = ``reference`` | ``triton`` when set and non-empty, else
+2. ``MEGATRON_QAT_KERNEL`` = ``reference`` | ``triton`` when set and non-empty (read with the
+   package's one strict rule, :func:`megatron_qat.config.kernel_choice`), else
 3. auto: ``"triton"`` when ``x`` is a CUDA tensor of a dtype the kernel supports and the
    ``triton`` package is installed, otherwise ``"reference"``.
 
 A FORCED ``triton`` (argument or variable) that cannot run is a RuntimeError naming the source and
 the reason (no Triton; a CPU tensor without ``TRITON_INTERPRET=1``; an unsupported dtype or
-device); it never falls back silently. An unknown value is a ValueError listing the accepted ones.
+device); it never falls back silently. An unknown value is a ValueError listing the accepted ones,
+worded the same for the argument and the variable.
 This module never imports Triton (importing :mod:`megatron_qat.mxfp4` stays cheap).
 """
 
@@ -21,8 +23,10 @@ import os
 
 import torch
 
-KERNEL_ENV = "MEGATRON_QAT_KERNEL"
-IMPLS = ("reference", "triton")
+from .. import config
+
+KERNEL_ENV = config.KERNEL
+IMPLS = tuple(config.KERNEL_CHOICES)
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INTERPRET_ENV = "TRITON_INTERPRET"
 _TRUE = ("1", "true", "on", "yes")
@@ -63,16 +67,16 @@ def resolve_impl(x: torch.Tensor, impl: str | None) -> str:
         RuntimeError: ``triton`` was forced but cannot run on ``x`` (the message says why).
     """
     if impl is not None:
+        if impl not in IMPLS:
+            accepted = ", ".join(f'"{name}"' for name in IMPLS)
+            raise ValueError(f"impl={impl!r}: accepted values are {accepted}; None means {KERNEL_ENV} or auto")
         choice, source = impl, "impl"
     else:
-        raw = os.environ.get(KERNEL_ENV, "").strip()
-        choice, source = (raw or None), KERNEL_ENV
+        choice, source = config.kernel_choice(), KERNEL_ENV  # ValueError for a value outside IMPLS
     if choice is None:
         if isinstance(x, torch.Tensor) and x.device.type == "cuda" and x.dtype in TRITON_DTYPES and triton_installed():
             return "triton"
         return "reference"
-    if choice not in IMPLS:
-        raise ValueError(f"{source}={choice!r}: accepted values are {', '.join(IMPLS)}")
     if choice == "triton" and isinstance(x, torch.Tensor):
         reason = triton_unavailable_reason(x)
         if reason is not None:

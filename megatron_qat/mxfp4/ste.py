@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..numerics.constants import DEFAULT_BLOCK_SIZE
 from . import backends, ops
 
 
@@ -27,7 +28,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad_output, None, None
 
 
-def fake_quantize_ste(w: torch.Tensor, block_size: int = 32, *, impl: str | None = None) -> torch.Tensor:
+def fake_quantize_ste(w: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None) -> torch.Tensor:
     """MXFP4 fake-quantize ``w`` with a straight-through gradient.
 
     Forward: ``fake_quantize(w, block_size)`` (same shape, dtype, device; a new contiguous tensor).

@@ -79,7 +79,7 @@ def _ulps(x: torch.Tensor, steps) -> torch.Tensor:
 
 
 def _blocks(shape) -> tuple[int, ...]:
-    """``[..., K]`` -> ``[..., K // 32, 32]``."""
+    """``[..., K]`` -> ``[..., K // BLOCK, BLOCK]``."""
     return (*shape[:-1], shape[-1] // BLOCK, BLOCK)
 
 
@@ -127,6 +127,7 @@ def _ties(shape, dtype, g):
     pool = torch.tensor(TIES + GRID, dtype=dtype)
     v = pool[torch.randint(0, len(pool), shape, generator=g)]
     v = _ulps(v, torch.randint(-1, 2, shape, generator=g))  # exactly, one ulp up or one ulp down
+    v = v.clamp(max=6.0)  # 6 + 1 ulp would lift the block amax (and the scale) past 6 * 2**k
     v = (v * _signs(shape, g).to(dtype) * scale).float()
     six = (6.0 * scale.float()).reshape(_blocks(shape))[..., :1]
     return _put_one_per_block(v, six, g).to(dtype)  # amax 6 * 2**k pins the scale

@@ -104,7 +104,7 @@ def e8m0_to_float32(scales: torch.Tensor) -> torch.Tensor:
     subnormal 2**-127 exactly and byte 255 gives NaN."""
     b = scales.to(torch.int32)
     bits = torch.where(b == 0, torch.full_like(b, 0x00400000), b << 23)
-    bits = torch.where(b == E8M0_NAN, torch.full_like(b, 0x7FC00000), bits)
+    bits = torch.where(b == E8M0_NAN, torch.full_like(b, NAN_BITS_FP32), bits)
     return bits.view(torch.float32)
 
 

@@ -37,6 +37,7 @@ import torch
 
 from .format import (
     CANONICAL_NAN_BITS,
+    DEFAULT_BLOCK_SIZE,
     E8M0_BIAS,
     FLT_MIN_NORMAL,
     INT_VIEW_DTYPES,
@@ -138,7 +139,7 @@ def _blocks(chunk: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def quantize_reference(
-    x: torch.Tensor, block_size: int = 32, *, name: str = "x"
+    x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, name: str = "x"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`megatron_qat.mxfp4.quantize` (same contract, no dispatch); ``name`` is
     the tensor's name in error messages."""
@@ -161,7 +162,7 @@ def quantize_reference(
     return codes.reshape(*lead, k // 2), scales.reshape(*lead, k // block_size)
 
 
-def fake_quantize_reference(x: torch.Tensor, block_size: int = 32, *, name: str = "x") -> torch.Tensor:
+def fake_quantize_reference(x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, name: str = "x") -> torch.Tensor:
     """Reference of :func:`megatron_qat.mxfp4.fake_quantize`: quantize -> dequantize in ``x.dtype``.
 
     Finite blocks: bitwise equal to ``dequantize(*quantize(x), dtype=x.dtype)``. A block holding
@@ -189,7 +190,7 @@ def fake_quantize_reference(x: torch.Tensor, block_size: int = 32, *, name: str 
 
 
 def dequantize_reference(
-    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block_size: int = 32
+    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> torch.Tensor:
     """Reference of :func:`megatron_qat.mxfp4.dequantize`."""
     check_block_size(block_size)

@@ -93,6 +93,7 @@ def _check(name, outs, refs) -> str | None:
 
 
 def bench_shape(shape, dtype, repeats, use_compile, sweep, compiled_cache) -> list[dict]:
+    from megatron_qat import mxfp4
     from megatron_qat.kernels import triton_qdq
     from megatron_qat.numerics.reference import fake_quantize_reference
 
@@ -103,6 +104,8 @@ def bench_shape(shape, dtype, repeats, use_compile, sweep, compiled_cache) -> li
     g = torch.Generator(device="cuda").manual_seed(0)
     stacked = [(torch.randn((e, n, k), device="cuda", generator=g) * 0.02).to(dtype) for _ in range(n_buf)]
     lists = [[w[i].clone() for i in range(e)] for w in stacked]  # separate per-expert allocations
+    # one GroupedFakeQuantizer per expert list, as the Megatron hook keeps one per module
+    modules = [(mxfp4.GroupedFakeQuantizer(32, impl="triton"), ws) for ws in lists]
     dst = torch.empty_like(stacked[0])
     ref = fake_quantize_reference(stacked[0])
     ref_list = list(ref.unbind(0))
@@ -110,7 +113,7 @@ def bench_shape(shape, dtype, repeats, use_compile, sweep, compiled_cache) -> li
     impls = {
         "eager": (fake_quantize_reference, stacked),
         "triton": (triton_qdq.fake_quantize, stacked),
-        "triton-grouped": (triton_qdq.fake_quantize_many, lists),
+        "triton-grouped": (lambda m: m[0](m[1]), modules),
         "copy": (lambda x: dst.copy_(x), stacked),
     }
     if use_compile:

@@ -1,7 +1,8 @@
-"""MXFP4 numerics, framework-free: the format's constants and bit maps (:mod:`.format`), the
+"""MXFP4 numerics, framework-free: the plain-int constants (:mod:`.constants`, importable without
+torch), the format's torch-typed maps, bit helpers and input checks (:mod:`.format`), the
 pure-PyTorch reference of FlashInfer's quantizer in the kernel's order (:mod:`.reference`) and the
 adversarial input families every test and benchmark draws from (:mod:`.families`).
 
-Bottom layer: imports only torch. Kernels (:mod:`megatron_qat.kernels`) and the dispatching public
+Bottom layer: imports only torch (and :mod:`.constants` nothing at all). Kernels (:mod:`megatron_qat.kernels`) and the dispatching public
 API (:mod:`megatron_qat.mxfp4`) build on it.
 """

@@ -113,12 +113,15 @@ def test_env_forces_reference_on_cuda(monkeypatch):
 def test_no_host_sync_on_fake_quantize_paths():
     x = _cuda("nan_inf_blocks", (4, 256, 2048), torch.bfloat16)
     xs = [x[i] for i in range(4)]
-    triton_qdq.fake_quantize(x), triton_qdq.fake_quantize_many(xs)  # warm up (compile, table cache)
+    q = mxfp4.GroupedFakeQuantizer(32, impl="triton")
+    triton_qdq.fake_quantize(x), q(xs), triton_qdq.fake_quantize_many(xs)  # warm up (compile, q's table)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         triton_qdq.fake_quantize(x)
-        triton_qdq.fake_quantize_many(xs)
+        q(xs)
+        triton_qdq.fake_quantize_many(xs)  # per-call table: a pinned, non-blocking copy, still no sync
+        mxfp4.fake_quantize(x, impl="reference")
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -15,9 +15,14 @@ from .codec import ExportError, quantize_experts
 from .formats import FORMATS, LayerBytes, emit_layer
 from .gather import ExpertGroups, grid_root, groups_from_parallel_state
 from .live import export_mxfp4, find_expert_modules
+from .offline import convert_checkpoint
+from .verify import VerifyResult, verify_export
 
 __all__ = [
     "ExportError",
+    "VerifyResult",
+    "convert_checkpoint",
+    "verify_export",
     "ExpertGroups",
     "FORMATS",
     "LayerBytes",

@@ -29,7 +29,7 @@ import torch
 
 from .codec import ExportError, check_in_features, quantize_experts
 from .formats import LayerBytes, check_format, emit_layer
-from .gather import ExpertGroups, gather_experts, group_rank, group_size, groups_from_parallel_state, locate
+from .gather import ExpertGroups, gather_experts, group_size, groups_from_parallel_state, locate
 
 
 @dataclass
@@ -211,4 +211,4 @@ def export_mxfp4(
         del data
 
 
-__all__ = ["export_mxfp4", "find_expert_modules", "ExpertsModule", "raw_weights", "group_rank"]
+__all__ = ["export_mxfp4", "find_expert_modules", "ExpertsModule", "raw_weights", "raw_biases"]

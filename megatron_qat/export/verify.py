@@ -74,11 +74,10 @@ def detect_format(dst_root: str) -> str:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (integer views: -0.0 != +0.0, NaN payloads compared)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     view = INT_VIEW_DTYPES.get(a.dtype, torch.uint8)
-    if a.dtype not in INT_VIEW_DTYPES:
-        return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
     return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
 
 

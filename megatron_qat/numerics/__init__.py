@@ -3,6 +3,6 @@ torch), the format's torch-typed maps, bit helpers and input checks (:mod:`.form
 pure-PyTorch reference of FlashInfer's quantizer in the kernel's order (:mod:`.reference`) and the
 adversarial input families every test and benchmark draws from (:mod:`.families`).
 
-Bottom layer: imports only torch (and :mod:`.constants` nothing at all). Kernels (:mod:`megatron_qat.kernels`) and the dispatching public
-API (:mod:`megatron_qat.mxfp4`) build on it.
+Bottom layer: imports only torch (:mod:`.constants` imports nothing at all). The kernels
+(:mod:`megatron_qat.kernels`) and the op/dispatch layer (:mod:`megatron_qat.mxfp4`) build on it.
 """

@@ -149,7 +149,29 @@ def enable(block_size: int | None = None) -> None:
         FakeQATUnavailableError: megatron-core or Transformer Engine missing or too old (the
             message names the installed versions and the minimums 0.13 / 2.5).
         RuntimeError: a subclass of ``TEGroupedLinear`` overrides ``_get_weight_tensors``.
+    When ``OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG`` is set in ``os.environ`` a failure is sticky (see
+    :func:`enable_from_env`).
     """
+    from ..config import flag_requested
+
+    _enable_or_record(block_size, flag_requested())
+
+
+def _enable_or_record(block_size, requested: bool) -> None:
+    try:
+        _enable(block_size)
+    except Exception as exc:
+        if not requested:
+            raise
+        error = failclosed.unavailable(exc)
+        failclosed.record(error)
+        _patch_moe_layer()  # MoELayer.__init__ becomes a guard that raises
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _enable(block_size: int | None) -> None:
     global _active, _block_size, _grouped_linear_cls
     from ..config import from_env
     from ..numerics.format import check_block_size
@@ -222,20 +244,17 @@ def enable_from_env(environ=None) -> bool:
     """
     from ..config import flag_requested, from_env
 
+    requested = flag_requested(environ)
     try:
         cfg = from_env(environ)
-        if cfg.enabled:
-            enable(cfg.block_size)
-        return is_enabled()
     except Exception as exc:
-        if not flag_requested(environ):
-            raise
-        error = failclosed.unavailable(exc)
-        failclosed.record(error)
-        _patch_moe_layer()  # MoELayer.__init__ becomes a guard that raises
-        if error is exc:
-            raise
-        raise error from exc
+        if requested:
+            failclosed.record(exc)
+            _patch_moe_layer()
+        raise
+    if cfg.enabled:
+        _enable_or_record(cfg.block_size, requested)
+    return is_enabled()
 
 
 __all__ = ["enable", "disable", "is_enabled", "enable_from_env", "installed_function", "EXTENSIONS_MODULE"]

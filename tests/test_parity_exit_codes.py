@@ -116,7 +116,7 @@ def test_bad_kernel_variable_is_exit_2_with_a_json_report(tmp_path, capsys, monk
     report = tmp_path / "r.json"
     monkeypatch.setenv("MEGATRON_QAT_KERNEL", "bogus")
     assert main(["--quiet", "--json", str(report)]) == 2
-    out = _one_line(capsys, "MEGATRON_QAT_KERNEL", "bogus", "reference, triton")
+    out = _one_line(capsys, "MEGATRON_QAT_KERNEL", "bogus", '"reference", "triton"')
     assert out.out == "" and json.loads(report.read_text())["exit_code"] == 2  # refused before any comparison
 
 

@@ -19,7 +19,7 @@ import torch
 from .canary import canary, canary_problems
 from .errors import ParityError
 
-BLOCK = 32
+from ..numerics.constants import DEFAULT_BLOCK_SIZE as BLOCK
 SM100 = (10, 0)
 FLASHINFER_DEVICE = "cuda:0"  # where fp4_quantize runs (tests substitute "cpu" with a fake module)
 SM100_ONLY = (

@@ -2,10 +2,14 @@
 
 Layout (each layer depends only on those before it):
 
-- :mod:`megatron_qat.mxfp4` numerics (framework-free reference, formats, STE)
+- :mod:`megatron_qat.numerics` framework-free reference numerics and format constants
 - :mod:`megatron_qat.kernels` fused Triton kernel
+- :mod:`megatron_qat.mxfp4` the op layer (dispatch between reference and kernel, STE)
 - :mod:`megatron_qat.megatron` the env-gated Transformer Engine / Megatron-Core patch
 - :mod:`megatron_qat.parity` the parity checker CLI
+
+:class:`FakeQATUnavailableError` (a ``RuntimeError``) is what a requested but inapplicable
+fake-QAT raises.
 
 Importing this package is cheap: torch and the frameworks load only when a submodule needs them.
 """
@@ -39,3 +43,11 @@ def enable_from_env(environ=None):
     from .megatron import enable_from_env as _enable_from_env
 
     return _enable_from_env(environ)
+
+
+def __getattr__(name):
+    if name == "FakeQATUnavailableError":  # torch-free, but loaded only when asked for
+        from .megatron.failclosed import FakeQATUnavailableError
+
+        return FakeQATUnavailableError
+    raise AttributeError(f"module 'megatron_qat' has no attribute {name!r}")

@@ -160,3 +160,10 @@ def test_bad_block_size_is_refused(te_ext):
     with pytest.raises(ValueError, match="block_size must be a positive even integer"):
         mm.enable(33)
     assert not mm.is_enabled()
+
+
+def test_bad_kernel_variable_is_refused_before_patching(te_ext, monkeypatch):
+    monkeypatch.setenv("MEGATRON_QAT_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="MEGATRON_QAT_KERNEL='cuda': accepted values are"):
+        mm.enable(32)
+    assert not mm.is_enabled() and "_get_weight_tensors" not in te_ext.TEGroupedLinear.__dict__

@@ -173,11 +173,12 @@ def _enable_or_record(block_size, requested: bool) -> None:
 
 def _enable(block_size: int | None) -> None:
     global _active, _block_size, _grouped_linear_cls
-    from ..config import from_env
+    from ..config import from_env, kernel_choice
     from ..numerics.format import check_block_size
 
     if block_size is None:
         block_size = from_env().block_size
+    kernel_choice()  # a malformed MEGATRON_QAT_KERNEL is refused before anything is patched
     check_block_size(block_size, "block_size")
     _, cls = load_te_grouped_linear()
     _check_subclass_overrides(cls)

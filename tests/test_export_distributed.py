@@ -34,6 +34,7 @@ from test_export_live import (
     make_config,
     pg_collection,
     reference_layer,
+    require,
 )
 
 WORLD = 4
@@ -104,7 +105,7 @@ def pg_collection_groups(pg):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import torch.multiprocessing as mp
 
     outdir = str(tmp_path_factory.mktemp("export_dist"))

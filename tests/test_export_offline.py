@@ -20,8 +20,10 @@ import os
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", minversion="5.0", reason="transformers>=5 is a test dependency ([export] extra)")
-pytest.importorskip("compressed_tensors", reason="compressed-tensors>=0.20 is a test dependency ([export] extra)")
+from test_export_live import require  # noqa: E402
+
+transformers = require("transformers", "transformers>=5 is a test dependency ([export] extra)", minversion="5.0")
+require("compressed_tensors", "compressed-tensors>=0.20 is a test dependency ([export] extra)")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 

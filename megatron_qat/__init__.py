@@ -5,8 +5,10 @@ Layout (each layer depends only on those before it):
 - :mod:`megatron_qat.numerics` framework-free reference numerics and format constants
 - :mod:`megatron_qat.kernels` fused Triton kernel
 - :mod:`megatron_qat.mxfp4` the op layer (dispatch between reference and kernel, STE)
-- :mod:`megatron_qat.megatron` the env-gated Transformer Engine / Megatron-Core patch
-- :mod:`megatron_qat.parity` the parity checker CLI
+- :mod:`megatron_qat.megatron` the env-gated Transformer Engine / Megatron-Core patch (with the
+  per-step weight cache), :mod:`megatron_qat.metrics` per-layer MXFP4 statistics,
+  :mod:`megatron_qat.export` MXFP4 weight export, :mod:`megatron_qat.layouts` checkpoint layouts
+- :mod:`megatron_qat.parity` and :mod:`megatron_qat.cli` the command line
 
 :class:`FakeQATUnavailableError` (a ``RuntimeError``) is what a requested but inapplicable
 fake-QAT raises.
@@ -43,6 +45,15 @@ def enable_from_env(environ=None):
     from .megatron import enable_from_env as _enable_from_env
 
     return _enable_from_env(environ)
+
+
+def invalidate_cache():
+    """Forget every cached fake-quantized expert weight copy: call it after changing expert weights
+    in a way the cache cannot see (a write through ``param.data`` or another tensor sharing the
+    storage, outside an optimizer step; docs/usage.md, "Cache contract")."""
+    from .megatron.weight_cache import invalidate_cache as _invalidate_cache
+
+    return _invalidate_cache()
 
 
 def __getattr__(name):

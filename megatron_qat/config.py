@@ -7,6 +7,8 @@
 | ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG`` | ``1`` on, ``0`` off; on together with the MXFP4 flag is an error | off |
 | ``MEGATRON_QAT_AUTOLOAD`` | ``1`` patch at import, ``0`` do not (call ``enable_from_env()`` yourself) | ``1`` |
 | ``MEGATRON_QAT_KERNEL`` | ``reference``, ``triton`` (forces the numerics implementation) | auto |
+| ``MEGATRON_QAT_CACHE`` | ``1`` cache the fake-quantized weights per optimizer step, ``0`` fake-quantize every call | ``1`` |
+| ``MEGATRON_QAT_METRICS_INTERVAL`` | a non-negative integer N: statistics every N steps, ``0`` off | Megatron's ``--log-interval`` |
 
 One rule for every variable (:func:`read`): the value is stripped of surrounding whitespace; an
 unset or empty variable takes its default; anything else must be exactly one of the accepted values
@@ -31,6 +33,8 @@ MXFP4_BLOCK_SIZE = "OPEN_TRAINING_MXFP4_BLOCK_SIZE"
 INT4_FLAG = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
 AUTOLOAD = "MEGATRON_QAT_AUTOLOAD"
 KERNEL = "MEGATRON_QAT_KERNEL"
+CACHE = "MEGATRON_QAT_CACHE"
+METRICS_INTERVAL = "MEGATRON_QAT_METRICS_INTERVAL"
 
 _ON_OFF = {"1": True, "0": False}
 KERNEL_CHOICES = {"reference": "reference", "triton": "triton"}
@@ -42,6 +46,11 @@ VARIABLES = {
     INT4_FLAG: ('"1" (on), "0" (off)', "off"),
     AUTOLOAD: ('"1" (patch Megatron at import), "0" (do not)', "1"),
     KERNEL: ('"reference", "triton"', "auto: the Triton kernel on CUDA, the PyTorch reference elsewhere"),
+    CACHE: ('"1" (cache on), "0" (cache off)', "on"),
+    METRICS_INTERVAL: (
+        "a non-negative integer (N > 0: statistics every N steps; 0: off)",
+        "follow Megatron's --log-interval",
+    ),
 }
 _OWN_PREFIXES = ("MEGATRON_QAT_", "OPEN_TRAINING_MXFP4_")
 
@@ -82,6 +91,22 @@ def flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
 def kernel_choice(environ: Mapping[str, str] | None = None) -> str | None:
     """``MEGATRON_QAT_KERNEL`` read by :func:`read`: ``"reference"``, ``"triton"`` or ``None`` (auto)."""
     return read(KERNEL, KERNEL_CHOICES, None, environ)
+
+
+def caching(environ: Mapping[str, str] | None = None) -> bool:
+    """``MEGATRON_QAT_CACHE`` read by :func:`read`: whether the per-step weight cache is on."""
+    return read(CACHE, _ON_OFF, True, environ)
+
+
+def metrics_interval(environ: Mapping[str, str] | None = None) -> int | None:
+    """``MEGATRON_QAT_METRICS_INTERVAL``: a non-negative decimal integer, or ``None`` when unset/empty."""
+    raw = _environ(environ).get(METRICS_INTERVAL)
+    if raw is None or raw.strip() == "":
+        return None
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise reject(METRICS_INTERVAL, raw)
+    return int(text, 10)
 
 
 def flag_requested(environ: Mapping[str, str] | None = None) -> bool:
@@ -142,6 +167,8 @@ def from_env(environ: Mapping[str, str] | None = None) -> FakeQATConfig:
     int4 = flag(INT4_FLAG, env)
     autoload = flag(AUTOLOAD, env)
     kernel_choice(env)
+    caching(env)
+    metrics_interval(env)
     if enabled:
         _check_unknown(env)
     if enabled and int4:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from te_standin import StandInGroupedLinear
+from te_standin import StandInGroupedLinear, megatron_forward
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def te_ext(monkeypatch):
     import megatron_qat.megatron as mm
 
     class TEGroupedLinear(StandInGroupedLinear):
-        pass
+        forward = megatron_forward
 
     monkeypatch.setattr(ext, "TEGroupedLinear", TEGroupedLinear)
     mm.disable()

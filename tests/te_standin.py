@@ -90,7 +90,8 @@ class _StandInGroupedLinearFn(torch.autograd.Function):
 
 
 class StandInGroupedLinear(torch.nn.Module):
-    """The slice of TE ``GroupedLinear`` (and Megatron ``TEGroupedLinear``) the patch sees."""
+    """The slice of TE ``GroupedLinear`` the patch sees (``is_first_microbatch`` is Megatron's
+    module flag, read by :func:`megatron_forward`)."""
 
     def __init__(self, num_gemms, in_features, out_features, *, fuse_wgrad_accumulation=False,
                  single_grouped_weight=False, dtype=torch.float32, seed=0):
@@ -114,13 +115,24 @@ class StandInGroupedLinear(torch.nn.Module):
             return [self.weight]
         return [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
 
-    def forward(self, x, m_splits):
+    def forward(self, inp, m_splits, is_first_microbatch=None):
+        """TE ``GroupedLinear.forward``: the flag is an argument (None: accumulate into main_grad)."""
         weights = self._get_weight_tensors()
-        out = _StandInGroupedLinearFn.apply(
-            x, list(m_splits), self.fuse_wgrad_accumulation, self.is_first_microbatch, *weights
+        return _StandInGroupedLinearFn.apply(
+            inp, list(m_splits), self.fuse_wgrad_accumulation, is_first_microbatch, *weights
         )
-        self.is_first_microbatch = False
-        return out
+
+
+def megatron_forward(self, x, m_splits):
+    """megatron-core 0.13-0.19 ``TEGroupedLinear.forward(x, m_splits)`` over TE's forward: the flag is
+    None under ``disable_parameter_transpose_cache``, else the module's, which is set False after
+    every call (``set_is_first_microbatch()`` re-arms it). Returns the output only (megatron returns
+    ``(out, bias)``). Assign it as ``forward`` of the class standing in for ``TEGroupedLinear``, so
+    that TE's forward is that class's base, as in megatron."""
+    flag = None if getattr(self, "disable_parameter_transpose_cache", False) else self.is_first_microbatch
+    out = StandInGroupedLinear.forward(self, x, m_splits, is_first_microbatch=flag)
+    self.is_first_microbatch = False
+    return out
 
 
 class DDPLikeHooks:

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _megatron_fixtures import te_ext  # noqa: E402,F401
 
 import megatron_qat.megatron as mm  # noqa: E402
-from megatron_qat.megatron import grad_protocol, guards  # noqa: E402
+from megatron_qat.megatron import fake_weights, guards  # noqa: E402
 
 
 def _layer(te_ext, **kw):
@@ -155,7 +155,7 @@ def test_negative_control_flag_not_carried_back_adds_garbage(te_ext, monkeypatch
     would be added into main_grad by the DDP hook."""
     from te_standin import DDPLikeHooks
 
-    monkeypatch.setattr(grad_protocol.ExpertWeightsSTE, "backward",
+    monkeypatch.setattr(fake_weights.FakeWeightsSTE, "backward",
                         staticmethod(lambda ctx, *grads: (None, None, *grads)))
     layer = te_ext.TEGroupedLinear(2, 64, 8, fuse_wgrad_accumulation=True)
     hooks = DDPLikeHooks([layer.weight0, layer.weight1])

@@ -132,16 +132,18 @@ def test_forward_equals_layer_with_fake_quantized_weights(te_ext, grad_mode):
 
 
 def test_one_quantizer_call_and_one_node_for_all_experts(te_ext, monkeypatch):
+    """All N expert weights go through ONE call of the module's GroupedFakeQuantizer (one launch with
+    the Triton kernel) and come out of ONE straight-through node."""
     import megatron_qat.mxfp4 as mx
 
     calls = []
-    real = mx.fake_quantize_many
-    monkeypatch.setattr(mx, "fake_quantize_many", lambda xs, bs, **kw: calls.append(len(xs)) or real(xs, bs, **kw))
+    real = mx.GroupedFakeQuantizer.__call__
+    monkeypatch.setattr(mx.GroupedFakeQuantizer, "__call__", lambda self, xs: calls.append(len(xs)) or real(self, xs))
     layer = te_ext.TEGroupedLinear(4, 32, 8)
     mm.enable(32)
     qs = layer._get_weight_tensors()
     assert calls == [4]
-    assert len({id(q.grad_fn) for q in qs}) == 1 and type(qs[0].grad_fn).__name__ == "ExpertWeightsSTEBackward"
+    assert len({id(q.grad_fn) for q in qs}) == 1 and type(qs[0].grad_fn).__name__ == "FakeWeightsSTEBackward"
 
 
 def test_enable_from_env(te_ext):

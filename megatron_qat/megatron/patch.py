@@ -1,7 +1,14 @@
 """enable / disable / is_enabled / enable_from_env: install and remove the two class patches.
 
 - ``TEGroupedLinear._get_weight_tensors``: the weight hook (:func:`hook.make_get_weight_tensors`).
+- TE's ``GroupedLinear.forward`` (the base ``TEGroupedLinear.forward`` reaches with
+  ``is_first_microbatch``): records that flag on the module for the per-step weight cache
+  (:func:`.weight_cache.make_forward_wrapper`).
 - ``MoELayer.__init__``: guards at model build (:func:`hook.make_moe_layer_init`).
+
+:func:`enable` also configures the weight cache (``MEGATRON_QAT_CACHE``, a global optimizer-step
+hook that invalidates it) and the metrics (``MEGATRON_QAT_METRICS_INTERVAL``, a global
+optimizer-step hook that ends a step); :func:`disable` removes both.
 
 Each patch wraps what attribute resolution gives on the class and records the class, whether the
 class had its own attribute (``__dict__``) and the EXACT function object installed. Ours is found by
@@ -37,11 +44,13 @@ from .hook import Switch, make_get_weight_tensors, make_moe_layer_init
 from .versions import EXTENSIONS_MODULE, MOE_LAYER_MODULE, load_te_grouped_linear
 
 HOOK = "TEGroupedLinear._get_weight_tensors"
+FORWARD = "GroupedLinear.forward"
 MOE_INIT = "MoELayer.__init__"
 _MISSING = object()
 _log = logging.getLogger("megatron_qat")
 
 _active = False
+_step_hooks = False  # the weight cache and the metrics are configured (their optimizer-step hooks)
 _block_size: int | None = None
 _grouped_linear_cls = None
 
@@ -183,6 +192,9 @@ def _enable(block_size: int | None) -> None:
     _, cls = load_te_grouped_linear()
     _check_subclass_overrides(cls)
     was_active = _active
+    from .. import metrics
+    from . import weight_cache
+
     try:
         _install(
             HOOK,
@@ -192,6 +204,16 @@ def _enable(block_size: int | None) -> None:
                 original, switch, _current_block_size, _current_grouped_linear_cls
             ),
         )
+        _install(
+            FORWARD,
+            weight_cache.grouped_linear_forward_class(cls),
+            "forward",
+            lambda original, switch: weight_cache.make_forward_wrapper(original, switch),
+        )
+        global _step_hooks
+        _step_hooks = True
+        weight_cache.configure()
+        metrics.install()
         _grouped_linear_cls = cls
         _block_size = block_size
         _active = True
@@ -209,6 +231,14 @@ def _turn_off() -> None:
     global _active, _block_size, _grouped_linear_cls
     for symbol in list(_installed):
         _uninstall(symbol)
+    global _step_hooks
+    if _step_hooks:  # set up by _enable (they import torch: never import them just to undo nothing)
+        from .. import metrics
+        from . import weight_cache
+
+        weight_cache.release()
+        metrics.uninstall()
+        _step_hooks = False
     import_watch.cancel(MOE_LAYER_MODULE, on_moe_layer_imported)
     _active = False
     _block_size = None

@@ -67,17 +67,16 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-import os
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
+from ..config import CACHE as CACHE_ENV
 from .fake_weights import connect_fake_weights
 from .grad_protocol import carry_attributes
 
-CACHE_ENV = "MEGATRON_QAT_CACHE"
 FLAG_ATTR = "_megatron_qat_is_first_microbatch"  # set on the module by the forward wrapper
 ENTRY_ATTR = "_megatron_qat_weight_cache"  # the module's cache entry
 
@@ -86,17 +85,12 @@ def caching_from_env(environ: Mapping[str, str] | None = None) -> bool:
     """``MEGATRON_QAT_CACHE``: ``"1"`` or empty/unset -> caching on (the default); ``"0"`` -> off.
 
     Raises:
-        ValueError: any other value (the message names the variable and the accepted values).
+        ValueError: any other value (:func:`megatron_qat.config.read`'s one rule: the message names
+            the variable and the accepted values).
     """
-    env = os.environ if environ is None else environ
-    raw = env.get(CACHE_ENV)
-    value = "" if raw is None else raw.strip()
-    if value in ("", "1"):
-        return True
-    if value == "0":
-        return False
-    # the message has the shape of megatron_qat.config.reject (until CACHE_ENV joins config.VARIABLES)
-    raise ValueError(f'{CACHE_ENV}={raw!r}: accepted values are "1" (cache on), "0" (cache off); unset or empty means on')
+    from ..config import caching
+
+    return caching(environ)
 
 
 @dataclass(frozen=True)

@@ -14,31 +14,22 @@ The pip ``megatron-core`` package has no ``megatron.training``: an ``ImportError
 
 from __future__ import annotations
 
-import os
-import re
 from typing import Mapping
 
-INTERVAL_ENV = "MEGATRON_QAT_METRICS_INTERVAL"
+from ..config import METRICS_INTERVAL as INTERVAL_ENV
+from ..config import metrics_interval
+
 DEFAULT_INTERVAL = 100  # Megatron's own --log-interval default, used when there is no Megatron args
-_NON_NEGATIVE_INT = re.compile(r"[0-9]+")
 
 
 def interval_from_env(environ: Mapping[str, str] | None = None) -> int | None:
     """The interval ``MEGATRON_QAT_METRICS_INTERVAL`` asks for, or ``None`` when unset/empty.
 
     Raises:
-        ValueError: anything but a non-negative decimal integer (the message names the variable).
+        ValueError: anything but a non-negative decimal integer (:func:`megatron_qat.config.read`'s
+            one rule: the message names the variable and the accepted values).
     """
-    env = os.environ if environ is None else environ
-    raw = env.get(INTERVAL_ENV)
-    if raw is None or raw.strip() == "":
-        return None
-    if not _NON_NEGATIVE_INT.fullmatch(raw.strip()):
-        raise ValueError(
-            f"{INTERVAL_ENV}={raw!r}: accepted values are a non-negative integer (N > 0: every N steps; "
-            "0: off) or unset/empty (follow Megatron's --log-interval)"
-        )
-    return int(raw.strip(), 10)
+    return metrics_interval(environ)
 
 
 def megatron_training():

@@ -217,7 +217,8 @@ def test_d_single_grouped_weight_is_refused(monkeypatch):
         notes.append("this megatron-core has no moe_single_grouped_weight")
     import transformer_engine.pytorch as te
 
-    from megatron_qat.megatron.hook import fake_quantize_expert_weights
+    from megatron_qat.megatron.guards import check_grouped_linear_forward
+    from megatron_qat.megatron.weight_cache import fake_weights
 
     params = inspect.signature(te.GroupedLinear).parameters
     if "single_grouped_weight" in params:
@@ -227,7 +228,7 @@ def test_d_single_grouped_weight_is_refused(monkeypatch):
         module = te.GroupedLinear(H.EXPERTS, H.HIDDEN, H.FFN, **kwargs)
         weights = module._get_weight_tensors()
         with pytest.raises(NotImplementedError, match="NVTE_GROUPED_LINEAR_SINGLE_PARAM"):
-            fake_quantize_expert_weights(module, weights, 32)
+            fake_weights(module, weights, 32, check=check_grouped_linear_forward)
         notes.append(f"hook refused TE {type(weights[0]).__name__} of shape {tuple(weights[0].shape)}")
     else:
         notes.append("this TE has no single_grouped_weight")

@@ -209,6 +209,26 @@ def test_verify_passes_and_catches_one_flipped_byte(gpt_oss_src, gpt_oss_dst, qw
     assert "EXPORT PARITY MISMATCH" in out and "experts.2.up_proj.weight_packed" in out and "[5, " in out
 
 
+def test_parity_source_checks_the_shipped_bytes(gpt_oss_src, gpt_oss_dst, qwen3_src, qwen3_dst, tmp_path, capsys):
+    """Issue 10 item 4's spelling: ``megatron-qat parity DST --source SRC`` (same check as --verify,
+    parity's exit codes and --json)."""
+    report = tmp_path / "r.json"
+    assert main(["parity", gpt_oss_dst, "--source", gpt_oss_src, "--json", str(report)]) == 0
+    doc = json.loads(report.read_text())
+    assert doc["status"] == "equal" and doc["exit_code"] == 0 and doc["expert_tensors"] > 0
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for n in os.listdir(qwen3_dst):
+        (bad / n).write_bytes(open(os.path.join(qwen3_dst, n), "rb").read())
+    t = load_file(str(bad / "model.safetensors"))
+    t["model.layers.0.mlp.experts.1.down_proj.weight_packed"][0, 0] ^= 0x01
+    save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["parity", str(bad), "--source", qwen3_src]) == 1
+    assert "EXPORT PARITY MISMATCH" in capsys.readouterr().out
+    assert main(["parity", str(bad), qwen3_dst, "--source", qwen3_src]) == 2
+    assert "exactly one PATH" in capsys.readouterr().err
+
+
 def _one_line_error(capsys, *fragments):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("megatron-qat export: error: "), err

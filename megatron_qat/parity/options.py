@@ -61,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         f"config.json next to the checkpoint (model_type / architectures). Accepted: {', '.join(FAMILIES)}",
     )
     parser.add_argument(
+        "--source",
+        metavar="SRC",
+        default=None,
+        help="PATH is an MXFP4 export (megatron-qat export) of the BF16 checkpoint SRC: check that every shipped "
+        "expert tensor's codes and scale bytes decode to exactly fake_quantize(SRC) and that every other tensor is "
+        "byte-identical (docs/export.md). Exit codes as below.",
+    )
+    parser.add_argument(
         "--allow-incomplete",
         action="store_true",
         help="exit 0 instead of 3 when everything compared is identical but some selected tensors were skipped "

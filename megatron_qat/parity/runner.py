@@ -147,9 +147,41 @@ def _base_doc(args: argparse.Namespace) -> dict:
     }
 
 
+def _run_export_check(args: argparse.Namespace) -> int:
+    """``parity DST --source SRC``: :func:`megatron_qat.export.verify.verify_export` (the shipped
+    bytes of an export decode to exactly ``fake_quantize(SRC)``; other tensors byte-identical)."""
+    if len(args.paths) != 1 or args.synthetic:
+        raise ParityError("--source SRC checks one MXFP4 export: give exactly one PATH (the export directory)")
+    from ..export.codec import ExportError
+    from ..export.verify import verify_export
+
+    try:
+        result = verify_export(args.paths[0], args.source, family=args.layout)
+    except ExportError as exc:
+        raise ParityError(str(exc)) from exc
+    print(result.summary())
+    if args.json:
+        write_json(args.json, {
+            **_base_doc(args),
+            "mode": "export",
+            "source": args.source,
+            "status": "equal" if result.ok else "mismatch",
+            "exit_code": result.exit_code,
+            "format": result.format,
+            "expert_tensors": result.expert_tensors,
+            "copied_tensors": result.copied_tensors,
+            "mismatches": result.mismatches,
+            "missing": result.missing,
+            "extra": result.extra,
+        })
+    return EXIT_EQUAL if result.ok else EXIT_MISMATCH
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _check_args(args)
+    if args.source:
+        return _run_export_check(args)
     synthetic = args.synthetic or not args.paths
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     notes: list[str] = []

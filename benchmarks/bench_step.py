@@ -14,7 +14,11 @@ optimizer, overlap_grad_reduce + overlap_param_gather), then ``optimizer.step()`
 step really changes the weights and the cache really has to refresh.
 
 Variants, interleaved round by round on the same model: ``off`` (flag off), ``cache`` (flag on,
-``MEGATRON_QAT_CACHE=1``), ``nocache`` (flag on, ``MEGATRON_QAT_CACHE=0``).
+``MEGATRON_QAT_CACHE=1``; metrics on but no step is a logging step:
+``MEGATRON_QAT_METRICS_INTERVAL=1000000``, so this is the cost of a non-logging step), ``cache+log``
+(the same with ``MEGATRON_QAT_METRICS_INTERVAL=1``: every step is a logging step, so the per-layer
+statistics pass, the EP x PP reduction and the publication are in every timed step; issue 11),
+``nocache`` (flag on, ``MEGATRON_QAT_CACHE=0``, metrics as in ``cache``).
 Reported: median / IQR step time (CUDA-synchronised wall time), overhead vs off, host time per
 patched ``_get_weight_tensors`` call split by cache outcome (hit / miss / uncached; host
 ``perf_counter_ns`` around the call, no synchronisation), peak memory
@@ -77,7 +81,8 @@ SHAPES = {
         Shape("dsv3", "DeepSeek-V3-class EP=32", 7168, 56, 8, 128, 2048, 256, 32, 8, 129280),
     )
 }
-VARIANTS = ("off", "cache", "nocache")
+VARIANTS = ("off", "cache", "cache+log", "nocache")
+NEVER_LOGS = "1000000"  # MEGATRON_QAT_METRICS_INTERVAL for the variants that measure non-logging steps
 
 
 def parse_args(argv=None):
@@ -236,12 +241,15 @@ class _CallTimer:
 
 def _set_variant(variant: str):
     import megatron_qat
+    from megatron_qat import config, metrics
     from megatron_qat.megatron import weight_cache
 
+    megatron_qat.disable()
+    metrics.reset()  # the interval is resolved once per recorder
     if variant == "off":
-        megatron_qat.disable()
         return
-    os.environ[weight_cache.CACHE_ENV] = "1" if variant == "cache" else "0"
+    os.environ[config.CACHE] = "0" if variant == "nocache" else "1"
+    os.environ[config.METRICS_INTERVAL] = "1" if variant == "cache+log" else NEVER_LOGS
     megatron_qat.enable(32)
     weight_cache.configure()
 
@@ -412,6 +420,13 @@ def _report(rows, infos, args) -> str:
                    f"{_fmt(h['uncached'], '.1f')} | {r['peak'] / 2**30:.2f} | {r['extra']:.2f} | "
                    f"{'/'.join(map(str, r['counts']))} |")
     out += ["", "## Targets (issue 9)", ""] + _targets(rows, infos)
+    out += ["", "## Metrics cost (issue 11)", ""]
+    for r in rows:
+        if r["variant"] == "cache+log":
+            base = next(b["ms"] for b in rows if b["shape"] == r["shape"] and b["mb"] == r["mb"] and b["variant"] == "cache")
+            out.append(f"- {r['shape']}, {r['mb']} micro-batch(es): a logging step costs {r['ms'] - base:+.3f} ms over a "
+                       f"non-logging step (`cache`: metrics on, interval {NEVER_LOGS}; its own overhead over off is the "
+                       f"`cache` row)")
     return "\n".join(out) + "\n"
 
 

@@ -33,7 +33,7 @@ def test_defaults_cover_the_issue_matrix():
     args = bench.parse_args([])
     assert sorted(args.shapes) == ["dsv3", "gptoss", "qwen3"]
     assert args.micro_batches == [1, 8] and args.seq_len == 4096 and args.layers >= 4
-    assert bench.VARIANTS == ("off", "cache", "nocache")
+    assert bench.VARIANTS == ("off", "cache", "cache+log", "nocache")
     local = {k: s.local_experts for k, s in bench.SHAPES.items()}
     assert local == {"qwen3": 16, "gptoss": 16, "dsv3": 8}
     for s in bench.SHAPES.values():  # every expert K is a multiple of the MXFP4 block

@@ -1,0 +1,143 @@
+"""Host cost of the patched expert-weight hook per ``TEGroupedLinear`` call, on the CPU (issue 9's
+"host time <= 20 us per patched call on a cache hit").
+
+    python benchmarks/bench_hook_host.py                 # writes benchmarks/results/hook_host_cpu.md
+    python benchmarks/bench_hook_host.py --experts 16 --repeats 15
+
+What runs: the real megatron-core extension module with the CPU stand-in of Transformer Engine's
+``GroupedLinear`` from ``tests/te_standin.py`` (TE cannot be installed on a CPU machine) as
+``TEGroupedLinear``. The patch adds host work at two places per call, timed separately because a
+whole forward (GEMMs, autograd) varies by far more than the few microseconds being measured:
+
+- ``hook``: ``layer._get_weight_tensors()`` with the module's ``is_first_microbatch`` recorded as
+  False (what TE's forward calls on every micro-batch after the first), patched with the cached
+  copy reused (a hit: override check, metrics ``due()``, the cache's id / version / pointer
+  checks), against the unpatched hook on the same module (the baseline);
+- ``forward wrapper``: the wrapper that records ``is_first_microbatch`` around TE's forward, timed
+  around a no-op forward, against the bare no-op.
+
+Reported: median over ``--repeats`` samples of the mean of ``--calls`` calls (variants interleaved),
+the difference (= the patch's host cost per call) and the ratio. The GPU figure (CUDA tensors,
+the same Python) comes from ``benchmarks/bench_step.py`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experts", type=int, default=16, help="local experts per grouped linear (default 16)")
+    ap.add_argument("--hidden", type=int, default=64, help="in_features (multiple of 32)")
+    ap.add_argument("--calls", type=int, default=2000, help="calls per sample")
+    ap.add_argument("--repeats", type=int, default=15, help="samples per variant")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hook_host_cpu.md")
+    return ap.parse_args(argv)
+
+
+def _layer_cls():
+    sys.path.insert(0, str(ROOT / "tests"))
+    import megatron.core.extensions.transformer_engine as ext
+    from te_standin import StandInGroupedLinear, megatron_forward
+
+    class TEGroupedLinear(StandInGroupedLinear):
+        forward = megatron_forward
+
+    ext.TEGroupedLinear = TEGroupedLinear
+    return TEGroupedLinear
+
+
+def _mean_us(fn, calls: int) -> float:
+    t0 = time.perf_counter_ns()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter_ns() - t0) / calls / 1e3
+
+
+def _interleaved(pair: dict, calls: int, repeats: int) -> dict:
+    for fn in pair.values():  # warm-up, not timed
+        _mean_us(fn, calls)
+    samples = {k: [] for k in pair}
+    for _ in range(repeats):
+        for k, fn in pair.items():
+            samples[k].append(_mean_us(fn, calls))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.pop("MEGATRON_QAT_CACHE", None)
+    os.environ["MEGATRON_QAT_METRICS_INTERVAL"] = "1000000"  # metrics on, no logging step: the due() check
+    import torch
+
+    import megatron_qat
+    from megatron_qat.megatron import weight_cache
+
+    torch.set_num_threads(1)
+    cls = _layer_cls()
+    layer = cls(args.experts, args.hidden, args.hidden, dtype=torch.bfloat16)
+    unpatched = cls._get_weight_tensors
+    megatron_qat.enable(32)
+    layer.is_first_microbatch = True
+    layer(torch.randn(args.experts, args.hidden, dtype=torch.bfloat16), [1] * args.experts)  # the miss
+    layer.__dict__[weight_cache.FLAG_ATTR] = False  # as inside TE's forward on a later micro-batch
+    weight_cache.reset_stats()
+    rows = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            hook = _interleaved({"off": lambda: unpatched(layer), "on": layer._get_weight_tensors},
+                                args.calls, args.repeats)
+        rows.append((f"hook, {'grad' if grad else 'no_grad'}", hook["off"], hook["on"]))
+    stats = weight_cache.stats()
+    assert stats.misses == 0 and stats.uncached == 0 and stats.hits == 2 * (args.repeats + 1) * args.calls, stats
+
+    def noop(self, inp, m_splits, is_first_microbatch=None):
+        return inp
+
+    wrapped = weight_cache.make_forward_wrapper(noop)
+    x = torch.empty(0)
+    fw = _interleaved({"off": lambda: noop(layer, x, None, is_first_microbatch=False),
+                       "on": lambda: wrapped(layer, x, None, is_first_microbatch=False)}, args.calls, args.repeats)
+    rows.append(("forward wrapper", fw["off"], fw["on"]))
+    megatron_qat.disable()
+    worst_hook = max(on - off for _, off, on in rows[:2])
+    total = worst_hook + (rows[2][2] - rows[2][1])  # the dearer hook row + the forward wrapper
+    lines = [
+        "# Host cost of the patched hook per TEGroupedLinear call (CPU)",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"{os.cpu_count()} cores (the 2-core development VM); python {platform.python_version()}, "
+        f"torch {torch.__version__}, megatron-core {__import__('megatron.core', fromlist=['__version__']).__version__}, "
+        "Transformer Engine: CPU stand-in (tests/te_standin.py)",
+        f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`",
+        f"- {args.experts} experts [{args.hidden}, {args.hidden}] bf16; median of {args.repeats} samples of "
+        f"{args.calls} calls, variants interleaved; one thread",
+        "",
+        "| what | off us/call | on us/call | patch cost us/call | ratio on/off |",
+        "|---|---|---|---|---|",
+    ]
+    for what, off, on in rows:
+        lines.append(f"| {what} | {off:.2f} | {on:.2f} | {on - off:+.2f} | {on / off:.2f}x |")
+    lines += ["", f"Patch cost of one call on a cache hit (the dearer hook row + the forward wrapper): "
+              f"**{total:.1f} us** (target, issue 9: <= 20 us per patched call on a cache hit; "
+              f"{'met' if total <= 20 else 'MISSED'} on this CPU). The GPU machine runs the same Python on a hit "
+              "(no kernel launch); its figure comes from `bench_step.py`, not yet run.", ""]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

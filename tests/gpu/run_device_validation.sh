@@ -3,6 +3,8 @@
 #   bash tests/gpu/run_device_validation.sh checks   # tests, Megatron validation, parity refusals
 #   bash tests/gpu/run_device_validation.sh bench    # benchmarks/bench_qdq.py (BENCH_ARGS=--sweep adds tile sizes)
 #   bash tests/gpu/run_device_validation.sh kernel   # Triton GPU tests, then the benchmark (no TE needed)
+#   bash tests/gpu/run_device_validation.sh new      # the GPU tests of issues 8-11 (cache, CUDA graph, export, metrics)
+#   bash tests/gpu/run_device_validation.sh step     # benchmarks/bench_step.py -> $OUT/step.md (issues 9 and 11)
 # Logs go to $OUT (the device tool's output folder) or /tmp/mqat_out.
 set -u
 OUT="${OUT:-/tmp/mqat_out}"; mkdir -p "$OUT"
@@ -21,6 +23,11 @@ case "${1:-checks}" in
     { for args in "--reference flashinfer" "--reference flashinfer --allow-unsupported-gpu" "--device cuda --reference golden"; do
         echo "\$ megatron-qat parity $args"; python -m megatron_qat.parity $args 2>&1 | grep -v "^OK " | tail -4; echo "exit code: ${PIPESTATUS[0]}"; done; } > "$OUT/parity.log" 2>&1
     cat "$OUT/parity.log" ;;
+  new)
+    TAILN=20 step gpu_new python -m pytest -q -rs tests/gpu/test_megatron_gpu.py tests/gpu/test_weight_cache_gpu.py tests/gpu/test_grouped_cuda_graph.py tests/gpu/test_export_gpu.py tests/gpu/test_metrics_gpu.py
+    TAILN=12 step megatron_triton python tests/gpu/run_megatron_validation.py ;;
+  step)
+    TAILN=80 step bench_step python benchmarks/bench_step.py --out "$OUT/step.md" ${STEP_ARGS:-} ;;
   kernel)
     step kernel_tests python -m pytest -q -rs tests/test_triton_kernel.py tests/test_dispatch.py tests/gpu/test_triton_gpu.py ;&
   bench)

@@ -651,3 +651,69 @@ def test_forward_wrapper_switched_off_is_a_pass_through():
     assert m(0, [1], True) is True
     switch.active = False
     assert m(0, [1], True) == "absent"
+
+
+# --- review R1: micro-batch backward order, frozen / unfrozen experts, inference mode -------------
+
+
+def test_microbatch_backwards_in_reverse_order_and_one_never_run_land_exactly_once(cache, monkeypatch):
+    """The cached path hands every micro-batch the outputs of ONE straight-through node; each
+    micro-batch's TE node has its own edge to it. Backward passes in reverse order, and one
+    micro-batch whose backward never runs, give the uncached path's main_grad bits, and Megatron's
+    hook never adds a second copy (fused wgrad)."""
+
+    def run(layer):
+        outs = [layer(_x(sum(s), i), s)[0] for i, s in enumerate(SPLITS)]
+        outs[2].backward(_x(outs[2].shape[0], 12)[:, :OUT])
+        outs[0].backward(_x(outs[0].shape[0], 10)[:, :OUT])  # outs[1]'s backward never runs
+        return [o.detach() for o in outs]
+
+    (out0, grad0, adds0, _), (out1, grad1, adds1, layer) = _grads_uncached_vs_cached(monkeypatch, run)
+    for a, b in zip(out0 + grad0, out1 + grad1):
+        assert torch.equal(_bits(a), _bits(b))
+    assert adds0 == adds1 == [0] * N
+    assert _stats()[:2] == (len(SPLITS) - 1, 1)
+
+
+def test_unfreezing_the_experts_connects_them(cache):
+    """A copy made while the experts were frozen must not be reused once they require grad: the
+    weights would get no gradient at all (silently, when the input requires grad)."""
+    layer = _layer()
+    for p in _experts(layer):
+        p.requires_grad_(False)
+    layer(_x(10, 0), SPLITS[0])
+    for p in _experts(layer):
+        p.requires_grad_(True)
+    x = _x(10, 1).requires_grad_(True)
+    out, _ = layer(x, SPLITS[0])
+    out.sum().backward()
+    assert all(p.grad is not None for p in _experts(layer))
+    assert _stats() == (0, 2, 0)
+
+
+def test_freezing_the_experts_disconnects_them(cache):
+    layer = _layer()
+    layer(_x(10, 0), SPLITS[0])
+    for p in _experts(layer):
+        p.requires_grad_(False)
+    out, _ = layer(_x(10, 1), SPLITS[0])
+    assert not out.requires_grad and all(q.grad_fn is None for q in layer.received[-1])
+    _assert_fresh(layer.received[-1], _experts(layer))
+
+
+def test_inference_mode_pass_does_not_poison_the_cache(cache):
+    """A log-prob pass under torch.inference_mode() must not leave inference tensors in the cache:
+    the next training forward would hand them to TE, which cannot save them for backward."""
+    layer = _layer()
+    with torch.inference_mode():
+        layer(_x(10, 0), SPLITS[0])
+    x = _x(10, 1)
+    out, _ = layer(x, SPLITS[0])
+    out.sum().backward()
+    assert all(p.grad is not None for p in _experts(layer))
+    assert not any(q.is_inference() for q in layer.received[-1])
+    _assert_fresh(layer.received[-1], _experts(layer))
+    with torch.inference_mode():  # a valid copy (made outside inference mode) is reused there
+        layer(_x(10, 2), SPLITS[0])
+    assert layer.received[-1][0].data_ptr() == layer.received[-2][0].data_ptr()
+    assert _stats() == (1, 1, 1)

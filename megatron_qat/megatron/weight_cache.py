@@ -22,7 +22,8 @@ The flag is TE's tri-state ``is_first_microbatch`` (TE 2.20.2 ``base.quantize_we
 weight workspace with the same contract):
 
 - ``None``: fake-quantize on every call, cache nothing (also: ``MEGATRON_QAT_CACHE=0``, a CUDA-graph
-  capture in progress, a call from outside TE's forward such as ``backward_dw()``);
+  capture in progress, a call from outside TE's forward such as ``backward_dw()``; a miss under
+  ``torch.inference_mode()``, whose inference tensors a later grad-mode forward could not use);
 - ``True``: fake-quantize and keep (replaces what was kept);
 - ``False``: reuse what was kept **if it is still valid**, else fake-quantize and keep.
 
@@ -122,7 +123,7 @@ class _Entry:
     """One module's cache: its quantizer (per-module kernel state) and at most one cached copy."""
 
     __slots__ = ("module_ref", "quantizer", "block_size", "load_hook", "epoch", "ids", "versions", "ptrs",
-                 "weights", "fuse", "requires_grad", "plain", "connected", "__weakref__")
+                 "grads", "weights", "fuse", "requires_grad", "plain", "connected", "__weakref__")
 
     def __init__(self, module, block_size: int):
         from ..mxfp4 import GroupedFakeQuantizer
@@ -139,7 +140,7 @@ class _Entry:
 
     def drop(self) -> None:
         self.epoch = -1
-        self.ids = self.versions = self.ptrs = None
+        self.ids = self.versions = self.ptrs = self.grads = None
         self.weights = None  # strong refs: the ids compared cannot be reused while they are kept
         self.plain = None
         self.connected = None
@@ -216,6 +217,7 @@ def reset_stats() -> None:
 
 
 _version_of = operator.attrgetter("_version")
+_requires_grad_of = operator.attrgetter("requires_grad")
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -237,6 +239,19 @@ def _entry_of(module, block_size: int) -> _Entry:
         module.__dict__[ENTRY_ATTR] = entry  # not nn.Module.__setattr__: no submodule / parameter logic
         _state.entries.add(entry)
     return entry
+
+
+def _uncached(state, entry, module, weights, block_size, check, grad) -> list:
+    """Fake-quantize for this call only: nothing is kept, the entry's copy is left as it is."""
+    state.uncached += 1
+    if check is not None:
+        check(module, weights, block_size)
+    with torch.no_grad():
+        fakes = entry.quantizer(weights)
+    if grad and any(w.requires_grad for w in weights):
+        return connect_fake_weights(fakes, weights, bool(getattr(module, "fuse_wgrad_accumulation", False)))
+    _carry_all(weights, fakes)
+    return fakes
 
 
 def fake_weights(module, weights: list, block_size: int, *, check: Callable | None = None) -> list:
@@ -261,20 +276,18 @@ def fake_weights(module, weights: list, block_size: int, *, check: Callable | No
     flag = module.__dict__.get(FLAG_ATTR)
     grad = torch.is_grad_enabled()
     if flag is None or not state.caching or _capturing(weights):
-        state.uncached += 1
-        if check is not None:
-            check(module, weights, block_size)
-        with torch.no_grad():
-            fakes = entry.quantizer(weights)
-        if grad and any(w.requires_grad for w in weights):
-            return connect_fake_weights(fakes, weights, bool(getattr(module, "fuse_wgrad_accumulation", False)))
-        _carry_all(weights, fakes)
-        return fakes
+        return _uncached(state, entry, module, weights, block_size, check, grad)
     ids = list(map(id, weights))
     versions = list(map(_version_of, weights))
     ptrs = list(map(_data_ptr, weights))
-    if not flag and entry.epoch == state.epoch and entry.ids == ids and entry.versions == versions and entry.ptrs == ptrs:
+    grads = list(map(_requires_grad_of, weights))
+    if (not flag and entry.epoch == state.epoch and entry.ids == ids and entry.versions == versions
+            and entry.ptrs == ptrs and entry.grads == grads):
         state.hits += 1
+    elif torch.is_inference_mode_enabled():
+        # a copy made here would be inference tensors, which a later grad-mode forward could not
+        # hand to TE (autograd refuses to save them): quantize for this call only, keep the old copy
+        return _uncached(state, entry, module, weights, block_size, check, grad)
     else:
         state.misses += 1
         entry.drop()  # the old copy goes before the new one is allocated
@@ -285,9 +298,9 @@ def fake_weights(module, weights: list, block_size: int, *, check: Callable | No
         _carry_all(weights, fakes)
         entry.weights = tuple(weights)
         entry.plain = fakes
-        entry.requires_grad = any(w.requires_grad for w in weights)
+        entry.requires_grad = any(grads)
         entry.fuse = bool(getattr(module, "fuse_wgrad_accumulation", False))
-        entry.ids, entry.versions, entry.ptrs = ids, versions, ptrs
+        entry.ids, entry.versions, entry.ptrs, entry.grads = ids, versions, ptrs, grads
         entry.epoch = state.epoch
     if grad and entry.requires_grad:
         if entry.connected is None:

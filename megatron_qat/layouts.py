@@ -232,6 +232,37 @@ def classify(name: str, shape: tuple[int, ...], family: str | None) -> ExpertTen
     return None
 
 
+def check_fused_pairs(tensors, family: str | None) -> None:
+    """Cross-check the fused ``gate_up`` / ``down`` tensors of each layer against ``family``'s layout.
+
+    ``tensors``: ``(name, stored shape)`` pairs (other tensors are ignored). Under the family's
+    layout, a layer's ``gate_up`` ``[E, 2I, H]`` (logical) and ``down`` ``[E, H, I]`` must agree:
+    same E, gate_up's in_features = down's out_features (H) and gate_up's out = 2 x down's in (I).
+    A wrong ``--layout`` (e.g. ``qwen3_moe`` on a gpt-oss checkpoint, which would block along
+    out_features) breaks this even for gpt-oss-120b's H == I, so it is refused (LayoutError naming
+    both tensors and ``--layout``) instead of silently blocking along the wrong axis."""
+    pairs: dict[tuple[str, int | None], dict[str, tuple[ExpertTensor, tuple[int, ...]]]] = {}
+    for name, shape in tensors:
+        shape = tuple(int(d) for d in shape)
+        info = classify(name, shape, family)
+        if info is None or not info.fused or info.family == "megatron" or info.role not in ("gate_up", "down"):
+            continue
+        prefix = name[: name.rindex("experts.")]
+        pairs.setdefault((prefix, info.layer), {})[info.role] = (info, shape)
+    for roles in pairs.values():
+        if len(roles) != 2:
+            continue
+        (gu, gs), (dn, ds) = roles["gate_up"], roles["down"]
+        hidden_gu, hidden_dn = gs[gu.in_dim], ds[dn.out_dim]
+        inter_gu, inter_dn = gs[gu.out_dim], ds[dn.in_dim]
+        if gs[0] != ds[0] or hidden_gu != hidden_dn or inter_gu != 2 * inter_dn:
+            raise LayoutError(
+                f"{gu.name} {list(gs)} and {dn.name} {list(ds)} contradict family {gu.family}'s layout "
+                f"(gate_up in_features {hidden_gu} vs down out_features {hidden_dn}, gate_up out {inter_gu} vs 2 x down "
+                f"in_features {2 * inter_dn}); the checkpoint is not {gu.family}: check --layout / config.json (accepted: {_ACCEPTED})"
+            )
+
+
 def blocked_shape(shape: tuple[int, ...], info: ExpertTensor) -> tuple[int, ...]:
     """``shape`` with ``in_features`` moved last (other dims keep their order)."""
     dims = [d for d in range(len(shape)) if d != info.in_dim] + [info.in_dim]
@@ -279,6 +310,7 @@ __all__ = [
     "family_from_config_file",
     "config_path_for",
     "classify",
+    "check_fused_pairs",
     "blocked_shape",
     "blocked_view",
     "hf_expert_names",

@@ -136,3 +136,27 @@ def test_usage_error_still_writes_the_json_report(tmp_path, capsys):
     assert (doc["status"], doc["exit_code"], doc["include"]) == ("error", 2, r"layers\.\d+\.nothing")
     # the regex is shown as typed, shell-quoted so it can be pasted back (not repr's doubled backslashes)
     assert r"--include 'layers\.\d+\.nothing'" in err and "\\\\" not in err
+
+
+def test_json_in_a_directory_that_refuses_files_is_exit_2_before_the_run(capsys):
+    """/proc refuses new files even to root, for whom os.access(W_OK) says yes: the probe creates
+    a file the way write_json does, so the refusal comes before the run, not as a traceback after."""
+    if not os.path.isdir("/proc"):
+        import pytest
+
+        pytest.skip("needs Linux /proc (a directory in which nobody can create a file)")
+    assert main(["--quiet", "--json", "/proc/megatron_qat_parity.json"]) == 2
+    assert _one_line(capsys, "--json /proc/megatron_qat_parity.json", "not writable").out == ""
+
+
+def test_report_that_cannot_be_written_at_the_end_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from megatron_qat.parity import runner
+
+    def full(path, doc):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "write_json", full)
+    assert main(["--quiet", "--json", str(tmp_path / "r.json")]) == 2
+    _one_line(capsys, f"--json {tmp_path / 'r.json'}", "No space left on device")

@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     except (ExportError, layouts.LayoutError) as exc:
         print(f"megatron-qat export: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # unwritable --out parent, disk full, ...: the temporary output is already removed
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"megatron-qat export: error: {where}{exc.strerror or exc} (nothing written to --out)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _run(args) -> int:

@@ -58,6 +58,7 @@ def preflight(source, family: str, block_size: int) -> tuple[int, int, list[str]
         raise ExportError(f"{source.root}/{CONFIG_NAME}: the source is already quantized (quantization_config quant_method {method!r}); export needs a BF16 checkpoint")
     count = nbytes = experts = 0
     ignore = []
+    expert_shapes = []
     for _, name, shape, dtype in source.entries():
         count += 1
         nbytes += _numel(shape) * _DTYPE_BYTES.get(dtype, 1)
@@ -73,9 +74,11 @@ def preflight(source, family: str, block_size: int) -> tuple[int, int, list[str]
         if dtype not in _FLOAT_DTYPES:
             raise ExportError(f"{name}: routed-expert weight of dtype {dtype}; export needs BF16/F16/F32 weights (the source looks quantized)")
         check_in_features(name, shape[info.in_dim], block_size)
+        expert_shapes.append((name, shape))
         experts += 1
     if experts == 0:
         raise ExportError(f"{source.root}: no routed-expert weights of family {family} found; nothing to convert")
+    layouts.check_fused_pairs(expert_shapes, family)
     return count, nbytes, ignore
 
 

@@ -10,7 +10,9 @@ tensor accounts for are reported as extra. The format is read from the destinati
 ``config.json`` (``quant_method``).
 
 Exit codes follow ``megatron-qat parity``: 0 identical everywhere, 1 a difference (or missing /
-extra tensor), 2 usage error.
+extra tensor), 2 usage error, including a source the export itself refuses (already quantized,
+no routed-expert weight, a family the destination's format cannot name): comparing such a source
+would "pass" with no expert tensor checked.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .. import layouts
 from ..numerics.format import INT_VIEW_DTYPES
 from .checkpoint import CONFIG_NAME, open_source
 from .codec import ExportError
-from .offline import output_plan
+from .offline import output_plan, preflight, resolve_family
 
 EXIT_EQUAL, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
@@ -90,7 +92,10 @@ def verify_export(dst: str, src: str, *, family: str | None = None, block_size: 
     source = open_source(src)
     shipped = open_source(dst)
     fmt = detect_format(shipped.root)
-    family = layouts.check_family(family) if family else layouts.family_from_config(source.config)
+    # the same refusals as the export (a quantized source, no routed experts, a family the format
+    # cannot name, a wrong --layout): a check that compared no expert tensor never passes
+    family = resolve_family(fmt, source.config, family)
+    preflight(source, family, block_size)
     where = {}
     for path, name, _, _ in shipped.entries():
         where[name] = path

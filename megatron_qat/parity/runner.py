@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 import time
 
 import torch
@@ -24,7 +25,7 @@ from .progress import Progress
 from .report import SCHEMA, summary_line, table, totals, write_json
 from .rows import plan_batches, sampled_rows
 from .sources import TensorEntry, iter_entries, resolve, synthetic_entries
-from .tensor_layout import assign, run_family, synthetic_layout
+from .tensor_layout import assign, check_pairs, run_family, synthetic_layout
 
 
 def _json_problem(path: str) -> str | None:
@@ -34,9 +35,23 @@ def _json_problem(path: str) -> str | None:
         return f"--json {path}: is a directory"
     if not os.path.isdir(parent):
         return f"--json {path}: directory {parent} does not exist"
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         return f"--json {path}: not writable"
+    try:  # what write_json does: a temporary file in that directory (os.access says yes to root and on read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".parity-", suffix=".json.tmp", dir=parent)
+    except OSError as exc:
+        return f"--json {path}: directory {parent} is not writable ({exc.strerror or type(exc).__name__})"
+    os.close(fd)
+    os.unlink(probe)
     return None
+
+
+def _write_report(path: str, doc: dict) -> None:
+    """write_json, an OSError (disk full, directory removed meanwhile) as a one-line ParityError."""
+    try:
+        write_json(path, doc)
+    except OSError as exc:
+        raise ParityError(f"--json {path}: cannot write the report ({exc.strerror or type(exc).__name__})") from None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -161,7 +176,7 @@ def _run_export_check(args: argparse.Namespace) -> int:
         raise ParityError(str(exc)) from exc
     print(result.summary())
     if args.json:
-        write_json(args.json, {
+        _write_report(args.json, {
             **_base_doc(args),
             "mode": "export",
             "source": args.source,
@@ -200,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
             synthetic_layout(entry)
         else:
             assign(entry, layout["family"], layout["note"])
+    if not synthetic:
+        check_pairs(selected, layout["family"])
 
     from .references import Ours, choose_reference
 
@@ -238,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(summary_line(doc))
     if args.json:
-        write_json(args.json, doc)
+        _write_report(args.json, doc)
     return code
 
 
@@ -256,7 +273,11 @@ def run_and_report_errors(args: argparse.Namespace) -> int:
         return run(args)
     except ParityError as exc:
         message = str(exc).replace("\n", " ")
-        print(f"megatron-qat parity: error: {message}", file=sys.stderr)
+        unwritten = ""
         if args.json and not _json_problem(args.json):
-            write_json(args.json, {**_base_doc(args), "error": message})
+            try:
+                write_json(args.json, {**_base_doc(args), "error": message})
+            except OSError as write_exc:  # still one line: the error, and that the report is missing
+                unwritten = f" (--json {args.json} not written: {write_exc.strerror or type(write_exc).__name__})"
+        print(f"megatron-qat parity: error: {message}{unwritten}", file=sys.stderr)
         return EXIT_ERROR

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ..layouts import FAMILIES, LayoutError, check_family, classify, config_path_for, family_from_config_file
+from ..layouts import FAMILIES, LayoutError, check_family, check_fused_pairs, classify, config_path_for, family_from_config_file
 from .errors import ParityError
 from .sources import TensorEntry
 
@@ -72,6 +72,15 @@ def assign(entry: TensorEntry, family: str | None, why_no_family: str | None) ->
             f"{entry.name} {list(entry.shape)}: not a routed-expert tensor of the layout table (megatron_qat/layouts.py), so "
             f"which dim is in_features is unknown; narrow --include or pass --layout (accepted: {', '.join(FAMILIES)})"
         )
+
+
+def check_pairs(entries: list[TensorEntry], family: str | None) -> None:
+    """ParityError (exit 2) when a layer's fused gate_up / down shapes contradict ``family``'s
+    layout (:func:`megatron_qat.layouts.check_fused_pairs`: a wrong ``--layout``)."""
+    try:
+        check_fused_pairs([(e.name, e.shape) for e in entries], family)
+    except LayoutError as exc:
+        raise ParityError(str(exc)) from None
 
 
 def synthetic_layout(entry: TensorEntry) -> None:

@@ -241,3 +241,18 @@ def test_step_end_and_set_step_by_hand(monkeypatch):
     assert got == [42] and metrics.last_step() == 42
     with pytest.raises(ValueError, match="non-negative int"):
         metrics.set_step(-1)
+
+
+@pytest.mark.parametrize("before, after", [("1", "0"), ("0", "2"), ("3", "1")])
+def test_install_again_reads_the_interval_again(monkeypatch, before, after):
+    """Review R1: ``disable()`` then ``enable()`` (uninstall / install) with a new
+    MEGATRON_QAT_METRICS_INTERVAL follows the new value: 0 means no statistics and no step hook."""
+    monkeypatch.setenv(ENV, before)
+    metrics.install()
+    assert metrics.interval() == int(before)
+    metrics.uninstall()
+    monkeypatch.setenv(ENV, after)
+    metrics.install()
+    assert metrics.interval() == int(after)
+    assert metrics.due() == (int(after) == 1)
+    assert (metrics._recorder._hook is not None) == (int(after) > 0)

@@ -66,7 +66,9 @@ def observe(module, master_weights, block_size: int, label: str | None = None) -
 
 def install() -> None:
     """Validate ``MEGATRON_QAT_METRICS_INTERVAL`` now (a bad value raises ValueError naming it) and
-    register the optimizer step post-hook that ends steps. Idempotent; :func:`due` installs it too."""
+    register the optimizer step post-hook that ends steps. Idempotent; :func:`due` installs it too.
+    Called again after :func:`uninstall` (``disable()`` then ``enable()``), it resolves the interval
+    again, so a changed variable is followed."""
     _recorder.install()
 
 

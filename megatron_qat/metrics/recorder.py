@@ -62,7 +62,16 @@ class Recorder:
 
     # -- clock ---------------------------------------------------------------------------------
     def install(self) -> None:
-        """Validate the environment now and hook optimizer steps (unless the env var says 0)."""
+        """Validate the environment now and hook optimizer steps (unless the env var says 0). Once
+        started (a later ``enable()`` after ``disable()``), the interval is resolved again."""
+        if self.started:
+            self.interval = megatron_env.resolve_interval()
+            self._update_due()
+            if self.interval > 0:
+                self._install_hook()
+            else:
+                self.uninstall()
+            return
         if megatron_env.interval_from_env() != 0:
             self._install_hook()
 

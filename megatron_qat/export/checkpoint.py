@@ -132,11 +132,13 @@ class ShardWriter:
     _pending: dict = field(default_factory=dict)
     _pending_bytes: int = 0
     _shards: list = field(default_factory=list)  # (file name, [tensor names])
+    _names: set = field(default_factory=set)  # every name added (O(1) duplicate check: ~10^5 names for DeepSeek-V3)
     total_bytes: int = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
+        if name in self._names:
             raise ExportError(f"{name}: written twice (two source tensors map to one output name)")
+        self._names.add(name)
         nbytes = t.numel() * t.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()

@@ -24,7 +24,7 @@ case "${1:-checks}" in
         echo "\$ megatron-qat parity $args"; python -m megatron_qat.parity $args 2>&1 | grep -v "^OK " | tail -4; echo "exit code: ${PIPESTATUS[0]}"; done; } > "$OUT/parity.log" 2>&1
     cat "$OUT/parity.log" ;;
   new)
-    TAILN=20 step gpu_new python -m pytest -q -rs tests/gpu/test_megatron_gpu.py tests/gpu/test_weight_cache_gpu.py tests/gpu/test_grouped_cuda_graph.py tests/gpu/test_export_gpu.py tests/gpu/test_metrics_gpu.py
+    TAILN=20 step gpu_new python -m pytest -q -rs tests/gpu/test_megatron_gpu.py tests/gpu/test_weight_cache_gpu.py tests/gpu/test_grouped_cuda_graph.py tests/gpu/test_cuda_graph_patched_gpu.py tests/gpu/test_export_gpu.py tests/gpu/test_metrics_gpu.py
     TAILN=12 step megatron_triton python tests/gpu/run_megatron_validation.py ;;
   step)
     TAILN=80 step bench_step python benchmarks/bench_step.py --out "$OUT/step.md" ${STEP_ARGS:-} ;;

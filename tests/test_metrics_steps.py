@@ -256,3 +256,20 @@ def test_install_again_reads_the_interval_again(monkeypatch, before, after):
     assert metrics.interval() == int(after)
     assert metrics.due() == (int(after) == 1)
     assert (metrics._recorder._hook is not None) == (int(after) > 0)
+
+
+def test_nothing_is_measured_during_a_cuda_graph_capture(monkeypatch):
+    """Review R1: a forward captured into a CUDA graph on a logging step must not be the module's
+    measurement (its kernels run only at replay: the step's end would read unwritten memory); the
+    next eager forward of that step measures it. CPU: the capture query is stubbed."""
+    monkeypatch.setenv(ENV, "1")
+    module = expert_module()
+    weights = list(module.weights)
+    monkeypatch.setattr(recorder, "_capturing", lambda ws: True)
+    forward(module, weights)
+    assert metrics._recorder.pending == {}
+    monkeypatch.setattr(recorder, "_capturing", lambda ws: False)
+    forward(module, weights)
+    assert len(metrics._recorder.pending) == 1
+    metrics.step_end()
+    assert metrics.snapshot()

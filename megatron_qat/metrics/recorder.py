@@ -40,6 +40,12 @@ from .labels import Labeller, expert_ids
 from .reduction import reduce, reduction_group, scalars
 
 
+def _capturing(weights) -> bool:
+    """Whether a CUDA-graph capture is in progress on the current stream (CUDA weights only: the
+    query itself needs a CUDA build)."""
+    return bool(weights) and getattr(weights[0], "is_cuda", False) and torch.cuda.is_current_stream_capturing()
+
+
 class Recorder:
     def __init__(self):
         self.started = False
@@ -151,11 +157,15 @@ class Recorder:
     def observe(self, module, master_weights, block_size: int, label: str | None = None) -> None:
         if not self.is_due or id(module) in self._observed:
             return
+        weights = list(master_weights)
+        if _capturing(weights):
+            # kernels recorded into a CUDA graph do not run now: the statistics would be read at the
+            # step's end from memory no kernel has written. Measure at the next eager forward.
+            return
         self._observed.add(id(module))
         if self.pending_step != self.step:
             self.pending, self.pending_step = {}, self.step  # a logging step that never ended: dropped
         name = self._labeller.label_of(module, label)
-        weights = list(master_weights)
         ids = expert_ids(module, len(split_experts(weights)))
         stats = measure(weights, block_size, ids)
         previous = self.pending.get(name)

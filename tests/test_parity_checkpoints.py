@@ -23,8 +23,8 @@ def _hf_tensors(seed=0):
         t[EXPERT.format(l=0, e=e, p="down")] = (torch.randn(64, 96, generator=g) * 0.02).half()  # fp16, K=96
     t["model.layers.0.mlp.gate.weight"] = torch.randn(2, 64, generator=g).bfloat16()  # router
     t["model.layers.0.mlp.shared_experts.gate_proj.weight"] = torch.randn(16, 64, generator=g).bfloat16()
-    t["model.layers.1.mlp.experts.gate_up_proj"] = (torch.randn(3, 10, 128, generator=g) * 0.02).bfloat16()  # 3-D
-    t["model.layers.1.mlp.experts.down_proj"] = (torch.randn(3, 128, 32, generator=g) * 0.02).half()
+    t["model.layers.1.mlp.experts.gate_up_proj"] = (torch.randn(3, 64, 128, generator=g) * 0.02).bfloat16()  # 3-D [E, 2I, H]
+    t["model.layers.1.mlp.experts.down_proj"] = (torch.randn(3, 128, 32, generator=g) * 0.02).half()  # [E, H, I]: consistent with gate_up (checked)
     t["model.layers.1.mlp.experts.0.up_proj.weight"] = torch.randint(-8, 8, (4, 64), generator=g, dtype=torch.int8)
     t["model.layers.1.mlp.experts.1.down_proj.weight"] = torch.randn(8, 48, generator=g).bfloat16()  # K % 32
     bad = (torch.randn(8, 64, generator=g) * 0.02).bfloat16()
@@ -77,7 +77,7 @@ def test_hf_directory_reports_every_expert_tensor(hf_dir, tmp_path, capsys):
     assert by["model.layers.1.mlp.experts.1.down_proj.weight"]["status"] == "skipped: K=48 not a multiple of 32"
     assert by["model.layers.1.mlp.experts.0.up_proj.weight"]["status"] == "skipped: non-floating dtype I8"
     fused = by["model.layers.1.mlp.experts.gate_up_proj"]
-    assert fused["status"] == "equal" and fused["rows_compared"] == 30 and fused["elements_compared"] == 30 * 128
+    assert fused["status"] == "equal" and fused["rows_compared"] == 3 * 64 and fused["elements_compared"] == 3 * 64 * 128
     assert fused["layout"]["blocked_dim"] == 2 and fused["layout"]["role"] == "gate_up" and fused["complete"]
     nonfinite = by["model.layers.1.mlp.experts.2.gate_proj.weight"]
     assert (nonfinite["nonfinite_values"], nonfinite["excluded_rows"], nonfinite["rows_compared"]) == (3, 2, 6)
@@ -166,7 +166,7 @@ def test_reads_row_chunks_through_get_slice(hf_dir, tmp_path, capsys, monkeypatc
     assert code == 0
     assert reads and max(n for _, n in reads) <= 128
     fused = [n for name, n in reads if name.endswith("gate_up_proj")]
-    assert len(fused) == 30 and sum(fused) == 3 * 10 * 128  # one 128-wide row per read, never crossing experts
+    assert len(fused) == 3 * 64 and sum(fused) == 3 * 64 * 128  # one 128-wide row per read, never crossing experts
 
 
 def test_limit_and_sample_rows(hf_dir, tmp_path, capsys):
@@ -217,7 +217,7 @@ def test_planted_scale_mismatch_in_ours(hf_dir, tmp_path, capsys, monkeypatch):
 
     def bumped(x, block_size=32, *, impl=None):
         codes, scales = original(x, block_size, impl=impl)
-        if x.shape[-1] == 128 and not done:  # the fused 3-D tensor [3, 10, 128]: row 2 of expert 0
+        if x.shape[-1] == 128 and not done:  # the fused 3-D tensor [3, 64, 128]: row 2 of expert 0
             scales = scales.clone()
             scales[2, 1] += 1
             done.append(True)

@@ -118,9 +118,12 @@ def test_v5_fused_dump_blocks_the_last_dim_and_layout_overrides_config(tmp_path,
     by = {t["name"]: t for t in doc["tensors"]}
     assert by[GATE_UP]["layout"]["blocked_dim"] == 2 and by[GATE_UP]["layout"]["glu"] == "concat"
     assert by[GATE_UP]["blocked_shape"] == by[GATE_UP]["shape"] == [4, 64, 64]
-    code, doc, _ = _run_json(tmp_path, [str(d), "--layout", "gpt_oss"], capsys)  # the user's word wins, noted
-    assert code == 0 and any("--layout gpt_oss overrides" in n for n in doc["notes"])
-    assert {t["layout"]["blocked_dim"] for t in doc["tensors"]} == {1}
+    code, doc, _ = _run_json(tmp_path, [str(d), "--layout", "mixtral"], capsys)  # the user's word wins, noted
+    assert code == 0 and any("--layout mixtral overrides" in n for n in doc["notes"])
+    assert {t["layout"]["blocked_dim"] for t in doc["tensors"]} == {2}
+    # ... unless the shapes contradict it: gpt_oss would block [E, 2I, H] along 2I (tests/test_parity_wrong_layout.py)
+    code, doc, out = _run_json(tmp_path, [str(d), "--layout", "gpt_oss"], capsys)
+    assert code == 2 and "contradict family gpt_oss" in out.err and doc["exit_code"] == 2
 
 
 def test_unknown_config_family_checks_per_expert_but_refuses_fused(tmp_path, capsys):

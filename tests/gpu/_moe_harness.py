@@ -13,6 +13,17 @@ import socket
 
 import torch
 
+
+def require_gpu_stack() -> None:
+    """Skip the calling test module (module level) unless a CUDA GPU, Transformer Engine and
+    megatron-core are all there: the GPU suite runs on the lent GPU (shared/device/README.md)."""
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the lent GPU)", allow_module_level=True)
+    pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed (GPU machine: see shared/device/README.md)")
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+
 HIDDEN, FFN, EXPERTS, TOPK, TOKENS = 256, 128, 4, 2, 64
 
 

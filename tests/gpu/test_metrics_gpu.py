@@ -22,14 +22,12 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.megatron]
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (run on the lent GPU)", allow_module_level=True)
-pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed (GPU machine)")
-pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 pytest.importorskip("tensorboard", reason="tensorboard is in the [test] extra")
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _moe_harness as H  # noqa: E402
+
+H.require_gpu_stack()
 
 import megatron_qat  # noqa: E402
 from megatron_qat import metrics  # noqa: E402

@@ -25,14 +25,12 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.megatron]
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (run on the lent GPU)", allow_module_level=True)
-pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed (GPU machine: see shared/device/README.md)")
-pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 import _moe_harness as H  # noqa: E402
+
+H.require_gpu_stack()
 
 import megatron_qat  # noqa: E402
 from megatron_qat import mxfp4  # noqa: E402

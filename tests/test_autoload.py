@@ -21,6 +21,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from _mini_megatron import write_mini_megatron  # noqa: E402
+
 FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
 
 
@@ -41,29 +44,13 @@ def _run(code, env_extra, pythonpath=()):
 
 @pytest.fixture
 def mini_megatron(tmp_path):
-    files = {
-        "megatron/__init__.py": "",
-        "megatron/core/__init__.py": "",
-        "megatron/core/extensions/__init__.py": "",
-        "megatron/core/extensions/transformer_engine.py": (
-            "from te_standin import StandInGroupedLinear\n"
-            "class TEGroupedLinear(StandInGroupedLinear):\n    pass\n"
-        ),
-        "megatron/core/transformer/__init__.py": "",
-        "megatron/core/transformer/moe/__init__.py": "",
-        "megatron/core/transformer/moe/moe_layer.py": (
-            "import sys\n"
-            "from megatron.core.extensions.transformer_engine import TEGroupedLinear\n"
-            "import megatron_qat.megatron as _m\n"
-            "HALF_WAY_ENABLED = _m.is_enabled()\n"
-            "class MoELayer:\n    def __init__(self, config=None):\n        self.config = config\n"
-        ),
-    }
-    for rel, text in files.items():
-        path = tmp_path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return tmp_path
+    return write_mini_megatron(tmp_path, (
+        "import sys\n"
+        "from megatron.core.extensions.transformer_engine import TEGroupedLinear\n"
+        "import megatron_qat.megatron as _m\n"
+        "HALF_WAY_ENABLED = _m.is_enabled()\n"
+        "class MoELayer:\n    def __init__(self, config=None):\n        self.config = config\n"
+    ))
 
 
 CHECK = """

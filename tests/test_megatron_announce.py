@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _mini_megatron import write_mini_megatron  # noqa: E402
 from _megatron_fixtures import te_ext  # noqa: E402,F401
 
 import megatron_qat.megatron as mm  # noqa: E402
@@ -58,22 +59,7 @@ with torch.no_grad():
 
 @pytest.fixture
 def mini_megatron(tmp_path):
-    files = {
-        "megatron/__init__.py": "",
-        "megatron/core/__init__.py": "",
-        "megatron/core/extensions/__init__.py": "",
-        "megatron/core/extensions/transformer_engine.py": (
-            "from te_standin import StandInGroupedLinear\nclass TEGroupedLinear(StandInGroupedLinear):\n    pass\n"
-        ),
-        "megatron/core/transformer/__init__.py": "",
-        "megatron/core/transformer/moe/__init__.py": "",
-        "megatron/core/transformer/moe/moe_layer.py": MOE_LAYER,
-    }
-    for rel, text in files.items():
-        path = tmp_path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return tmp_path
+    return write_mini_megatron(tmp_path, MOE_LAYER)
 
 
 def test_one_line_when_active_and_one_per_model_build(mini_megatron):

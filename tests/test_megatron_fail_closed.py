@@ -25,6 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _mini_megatron import write_mini_megatron  # noqa: E402
 from _megatron_fixtures import te_ext  # noqa: E402,F401
 
 import megatron_qat.megatron as mm  # noqa: E402
@@ -105,10 +106,7 @@ class MoELayer:
 
 @pytest.fixture
 def old_te_megatron(tmp_path):
-    files = {
-        "megatron/__init__.py": "",
-        "megatron/core/__init__.py": "",
-        "megatron/core/extensions/__init__.py": "",
+    return write_mini_megatron(tmp_path, MOE_LAYER, {
         "megatron/core/extensions/transformer_engine.py": OLD_TE_EXTENSION,
         "megatron/core/models/__init__.py": "",
         "megatron/core/models/rope_utils.py": (  # as megatron-core 0.13-0.15 rope_utils.py
@@ -119,15 +117,7 @@ def old_te_megatron(tmp_path):
             "try:\n    from megatron.core.extensions.transformer_engine import fused_apply_rotary_pos_emb\n"
             "except:\n    pass\n"
         ),
-        "megatron/core/transformer/__init__.py": "",
-        "megatron/core/transformer/moe/__init__.py": "",
-        "megatron/core/transformer/moe/moe_layer.py": MOE_LAYER,
-    }
-    for rel, text in files.items():
-        path = tmp_path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return tmp_path
+    })
 
 
 SCRIPT = """

@@ -53,11 +53,8 @@ assert len(SPLITS) == H.EXPERTS
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _gpu_session():
-    H.init_single_gpu()
-    megatron_qat.disable()
+def _gpu_session(megatron_gpu):
     yield
-    megatron_qat.disable()
 
 
 @pytest.fixture(autouse=True)

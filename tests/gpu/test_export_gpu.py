@@ -55,11 +55,8 @@ def _record_forward_weights(layer):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _gpu_session():
-    H.init_single_gpu()
-    megatron_qat.disable()
+def _gpu_session(megatron_gpu):
     yield
-    megatron_qat.disable()
 
 
 @pytest.mark.parametrize("fmt", ["raw", "gpt-oss"])

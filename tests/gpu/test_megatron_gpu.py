@@ -39,11 +39,8 @@ def _record(name, ok, detail=""):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _gpu_session():
-    H.init_single_gpu()
-    megatron_qat.disable()
+def _gpu_session(megatron_gpu):
     yield
-    megatron_qat.disable()
     print("\n==== megatron_qat GPU validation summary ====")
     for line in SUMMARY:
         print(line)

@@ -38,11 +38,8 @@ from megatron_qat.megatron import weight_cache  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _gpu_session():
-    H.init_single_gpu()
-    megatron_qat.disable()
+def _gpu_session(megatron_gpu):
     yield
-    megatron_qat.disable()
 
 
 def _bits(t):

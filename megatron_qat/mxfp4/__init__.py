@@ -39,6 +39,7 @@ from ..numerics.reference import dequantize_reference
 from . import backends, ops
 from .dispatch import resolve_impl
 from .grouped import GroupedFakeQuantizer
+from .payload import MXFP4Payload  # noqa: F401  (codes + scales + block size: the exporters' and parity's unit)
 from .ste import fake_quantize_ste
 
 __all__ = [

@@ -13,14 +13,21 @@
 One rule for every variable (:func:`read`): the value is stripped of surrounding whitespace; an
 unset or empty variable takes its default; anything else must be exactly one of the accepted values
 (case-sensitive), or a :class:`ValueError` names the variable, the value and the accepted values.
-With the MXFP4 flag on, an unknown ``MEGATRON_QAT_*`` or ``OPEN_TRAINING_MXFP4_*`` variable (a typo
-that would otherwise be silently ignored) is an error too.
+A ``MEGATRON_QAT_*`` or ``OPEN_TRAINING_MXFP4_*`` name that is not in the table (a typo such as
+``OPEN_TRAINING_MXFP4_FAKE_QAT=1``, which would otherwise train without fake-QAT) is an error too,
+whether or not the flag is on, naming the closest known name (:func:`check_names`).
+
+Where the check runs: :func:`from_env` (so wherever the patch is enabled from the environment), the
+``megatron-qat`` commands before they start, and, through the autoload, when Megatron imports its
+Transformer Engine extension module: the ``.pth`` line installs the autoload whenever any name with
+our prefixes is set (:func:`autoload_requested` is its condition), not only when the flag is on.
 
 This module imports nothing heavy (no torch): it is safe at interpreter start.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -109,6 +116,15 @@ def metrics_interval(environ: Mapping[str, str] | None = None) -> int | None:
     return int(text, 10)
 
 
+def autoload_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """The autoload ``.pth`` line's condition (it repeats this in one line of its own, without importing
+    anything): some ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name is set and ``MEGATRON_QAT_AUTOLOAD``
+    is not ``0``. Then the autoload runs :func:`from_env` (every value, every name) when Megatron
+    imports its TE extension module, and patches only if the flag is on."""
+    env = _environ(environ)
+    return any(n.startswith(_OWN_PREFIXES) for n in env) and env.get(AUTOLOAD, "1").strip() != "0"
+
+
 def flag_requested(environ: Mapping[str, str] | None = None) -> bool:
     """Whether the MXFP4 flag is anything but unset/empty/``"0"`` -- the autoload ``.pth``'s condition.
     A malformed value (``yes``) counts as requested, so that it ends in :func:`read`'s error."""
@@ -144,20 +160,35 @@ def _block_size(environ: Mapping[str, str], warn: bool) -> int:
     return value
 
 
-def _check_unknown(environ: Mapping[str, str]) -> None:
-    unknown = sorted(n for n in environ if n.startswith(_OWN_PREFIXES) and n not in VARIABLES)
-    if unknown:
-        known = ", ".join(n for n in VARIABLES if n.startswith(_OWN_PREFIXES))
-        raise ValueError(f"unknown megatron-qat variable(s) {', '.join(unknown)}: accepted names are {known}")
+def _suffix(name: str) -> str:
+    return next(name[len(p):] for p in _OWN_PREFIXES if name.startswith(p))
+
+
+def check_names(environ: Mapping[str, str] | None = None) -> None:
+    """Every ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name set in ``environ`` is one of
+    :data:`VARIABLES`; ValueError otherwise, naming each unknown name with the closest known one
+    (``difflib``) and listing the accepted names. Another product's ``OPEN_TRAINING_*`` is not ours."""
+    env = _environ(environ)
+    known = [n for n in VARIABLES if n.startswith(_OWN_PREFIXES)]
+    unknown = sorted(n for n in env if n.startswith(_OWN_PREFIXES) and n not in VARIABLES)
+    if not unknown:
+        return
+    by_suffix = {_suffix(n): n for n in known}  # compare what follows the prefix (a shared prefix is no likeness)
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(_suffix(name), by_suffix, n=1, cutoff=0.6)
+        parts.append(f"{name}={env[name]!r}" + (f" (did you mean {by_suffix[close[0]]}?)" if close else ""))
+    raise ValueError(f"unknown megatron-qat variable(s) {', '.join(parts)}: accepted names are {', '.join(known)}")
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> FakeQATConfig:
     """Read the fake-QAT settings from ``environ`` (``None`` means ``os.environ``).
 
-    Every variable of the table is checked by :func:`read`'s rule, whether or not the flag is on.
+    Every variable of the table is checked by :func:`read`'s rule, and every name by
+    :func:`check_names`, whether or not the flag is on.
 
     Raises:
-        ValueError: a variable holds a value outside its accepted set, or (flag on) an unknown
+        ValueError: a variable holds a value outside its accepted set, or an unknown
             ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name is set.
         RuntimeError: both ``OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG`` and
             ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG`` are "1" (the two fake-QAT modes are exclusive).
@@ -169,8 +200,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> FakeQATConfig:
     kernel_choice(env)
     caching(env)
     metrics_interval(env)
-    if enabled:
-        _check_unknown(env)
+    check_names(env)
     if enabled and int4:
         raise RuntimeError(
             f"{MXFP4_FLAG}=1 and {INT4_FLAG}=1 are both set: MXFP4 and INT4 fake-QAT are mutually "

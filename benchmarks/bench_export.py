@@ -52,6 +52,7 @@ def _worker(rank, world, port, args, queue):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron_qat.export.codec import quantize_experts
     from megatron_qat.export.gather import Destination, ExpertGroups, gather_experts
+    from megatron_qat.numerics.constants import DEFAULT_BLOCK_SIZE
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -79,12 +80,12 @@ def _worker(rank, world, port, args, queue):
                 t0 = time.perf_counter()
                 for ws, kind in ((fc1, "column"), (fc2, "row")):
                     if mode == "qtg":
-                        c, s = quantize_experts(ws, names, 32)
-                        gather_experts(c, kind, groups, where, glu=kind == "column")
-                        gather_experts(s, kind, groups, where, glu=kind == "column")
+                        payload = quantize_experts(ws, names, DEFAULT_BLOCK_SIZE)
+                        gather_experts(payload.codes, kind, groups, where, glu=kind == "column")
+                        gather_experts(payload.scales, kind, groups, where, glu=kind == "column")
                     else:
                         full = gather_experts(torch.stack(ws), kind, groups, where, glu=kind == "column")
-                        quantize_experts(list(full.unbind(0)), [f"g{i}" for i in range(full.shape[0])], 32)
+                        quantize_experts(list(full.unbind(0)), [f"g{i}" for i in range(full.shape[0])], DEFAULT_BLOCK_SIZE)
                 dist.barrier()
                 times[mode].append(time.perf_counter() - t0)
                 if rep == 0:

@@ -279,7 +279,7 @@ def test_refuses_format_family_mismatch_and_existing_out(gpt_oss_src, qwen3_src,
     assert _export(qwen3_src, "compressed-tensors", tmp_path / "exists") == 2
     _one_line_error(capsys, "already exists")
     assert _export(str(tmp_path / "nowhere"), "compressed-tensors", tmp_path / "y") == 2
-    _one_line_error(capsys, "not a safetensors checkpoint")
+    _one_line_error(capsys, "nowhere: no such file or directory")
 
 
 def test_progress_line_on_stderr(qwen3_src, tmp_path, capsys):

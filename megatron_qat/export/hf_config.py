@@ -15,12 +15,10 @@ provenance record.
 
 from __future__ import annotations
 
-from ..numerics.constants import DEFAULT_BLOCK_SIZE
-
 GPT_OSS_MODULES_TO_NOT_CONVERT = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 CT_FORMAT = "mxfp4-pack-quantized"
 NUMERICS_RULE = (
-    "FlashInfer fp4_quantize(sf_vec_size=32, sf_use_ue8m0=True): 1x32 absmax blocks along in_features, "
+    "FlashInfer fp4_quantize(sf_vec_size=32, sf_use_ue8m0=True): absmax blocks along in_features, "
     "E8M0 scale = ceil(log2(amax * RN(1/6))) (rounded up), E2M1 round-to-nearest-even, FTZ, sign of zero kept"
 )
 
@@ -29,7 +27,7 @@ def gpt_oss_quantization_config() -> dict:
     return {"quant_method": "mxfp4", "modules_to_not_convert": list(GPT_OSS_MODULES_TO_NOT_CONVERT)}
 
 
-def compressed_tensors_quantization_config(ignore: list[str], block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+def compressed_tensors_quantization_config(ignore: list[str], block_size: int) -> dict:
     weights = {
         "num_bits": 4, "type": "float", "symmetric": True, "group_size": block_size, "strategy": "group",
         "dynamic": False, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8",
@@ -47,7 +45,7 @@ def compressed_tensors_quantization_config(ignore: list[str], block_size: int = 
     }
 
 
-def provenance(fmt: str, family: str, block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+def provenance(fmt: str, family: str, block_size: int) -> dict:
     from .. import __version__
 
     return {

@@ -27,8 +27,9 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..mxfp4.payload import MXFP4Payload
 from .codec import ExportError, check_in_features, quantize_experts
-from .formats import LayerBytes, check_format, emit_layer
+from .formats import LayerBytes, check_block_size, check_format, emit_layer
 from .gather import ExpertGroups, gather_experts, group_size, groups_from_parallel_state, locate
 
 
@@ -111,13 +112,23 @@ def raw_biases(linear: torch.nn.Module, n: int) -> torch.Tensor | None:
     return torch.stack([b.detach() for b in biases])
 
 
-def _groups_for(experts: torch.nn.Module, groups: ExpertGroups | None) -> ExpertGroups:
+def groups_for(experts: torch.nn.Module, groups: ExpertGroups | None) -> ExpertGroups:
+    """``groups``, else the expert-TP / EP groups ``experts`` (a TEGroupedMLP) was built with, else
+    megatron's ``parallel_state``."""
     if groups is not None:
         return groups
     if hasattr(experts, "ep_group") and hasattr(experts, "tp_group"):
         # the groups the TEGroupedMLP was built with (pg_collection.ep / .expt_tp; None = size 1)
         return ExpertGroups(etp=experts.tp_group, ep=experts.ep_group)
     return groups_from_parallel_state()
+
+
+def gather_payload(payload: MXFP4Payload, kind: str, groups: ExpertGroups, where, glu: bool) -> MXFP4Payload | None:
+    """:func:`~megatron_qat.export.gather.gather_experts` of codes and scales alike (``None`` on a
+    rank that receives nothing)."""
+    codes = gather_experts(payload.codes, kind, groups, where, glu=glu)
+    scales = gather_experts(payload.scales, kind, groups, where, glu=glu)
+    return None if codes is None else MXFP4Payload(codes, scales, payload.block_size)
 
 
 def _layer_bytes(item: ExpertsModule, groups: ExpertGroups, where, block_size: int, impl) -> LayerBytes | None:
@@ -135,18 +146,17 @@ def _layer_bytes(item: ExpertsModule, groups: ExpertGroups, where, block_size: i
         if role == "fc2":
             check_in_features(names[0], weights[0].shape[-1], block_size, shard=etp > 1)
         try:
-            codes, scales = quantize_experts(weights, names, block_size, impl=impl)
+            payload = quantize_experts(weights, names, block_size, impl=impl)
             error = None
         except ExportError as exc:  # re-raised below on every rank of the grid (no rank left waiting)
-            error, codes, scales = exc, None, None
+            error, payload = exc, None
         _agree_or_raise(error, groups, names[0])
-        out[f"{role}_codes"] = gather_experts(codes, kind, groups, where, glu=glu and role == "fc1")
-        out[f"{role}_scales"] = gather_experts(scales, kind, groups, where, glu=glu and role == "fc1")
-        del codes, scales
+        out[role] = gather_payload(payload, kind, groups, where, glu and role == "fc1")
+        del payload
         bias = raw_biases(linear, len(weights))
         bias_kind = "column" if role == "fc1" else "replicated"
         out[f"{role}_bias"] = None if bias is None else gather_experts(bias, bias_kind, groups, where, glu=glu and role == "fc1")
-    if out["fc1_codes"] is None:
+    if out["fc1"] is None:
         return None
     return LayerBytes(item.layer, glu, **out)
 
@@ -173,7 +183,7 @@ def export_mxfp4(
     family: str | None = None,
     groups: ExpertGroups | None = None,
     dst: int | None = None,
-    block_size: int = 32,
+    block_size: int | None = None,
     impl: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every routed-expert weight of this stage, one layer at a time.
@@ -188,20 +198,23 @@ def export_mxfp4(
             else megatron's ``parallel_state``.
         dst: ``None``: every rank of the expert grid receives every tensor (all_gather); a global
             rank of the grid: only it receives (gather), the others yield nothing.
-        block_size: MXFP4 block (32 = what the engines load).
+        block_size: MXFP4 block; ``None``: ``OPEN_TRAINING_MXFP4_BLOCK_SIZE`` (default 32), the one
+            the fake-QAT forward uses. The engine formats take only 32 (raw takes any).
         impl: numerics implementation (``None`` = dispatch default, as in training).
     Raises:
         ExportError: no TEGroupedMLP in the model, a non-finite weight, fc2's local K not a
             multiple of 32, a format/family mismatch, ``dst`` outside the grid.
     """
     check_format(fmt, family)
+    block_size = training_block_size() if block_size is None else block_size
+    check_block_size(fmt, block_size)
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     items = find_expert_modules(chunks)
     if not items:
         raise ExportError("no routed-expert TEGroupedMLP (linear_fc1/linear_fc2 TEGroupedLinear) found in the model")
     where_of = {}
     for item in items:
-        g = _groups_for(item.module, groups)
+        g = groups_for(item.module, groups)
         key = (id(g.etp), id(g.ep))
         if key not in where_of:
             where_of[key] = locate(dst, g)
@@ -211,4 +224,12 @@ def export_mxfp4(
         del data
 
 
-__all__ = ["export_mxfp4", "find_expert_modules", "ExpertsModule", "raw_weights", "raw_biases"]
+def training_block_size() -> int:
+    """The block size the fake-QAT forward uses (``OPEN_TRAINING_MXFP4_BLOCK_SIZE``, default 32)."""
+    from ..config import from_env
+
+    return from_env().block_size
+
+
+__all__ = ["export_mxfp4", "find_expert_modules", "ExpertsModule", "raw_weights", "raw_biases", "groups_for",
+           "gather_payload", "training_block_size"]

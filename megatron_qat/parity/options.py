@@ -29,6 +29,7 @@ REFERENCES = ("auto", "golden", "flashinfer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.epilog = EXIT_CODES_HELP
     parser.add_argument(
         "paths",
         nargs="*",
@@ -127,12 +128,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-rows-shown", type=int, default=50, metavar="N", help="table rows printed on stdout (all are in --json)"
     )
     return parser
-
-
-def build_parser(prog: str = "megatron-qat parity") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Check megatron_qat's MXFP4 quantizer bit for bit against FlashInfer's fp4_quantize "
-        "or an independent golden model, on checkpoint tensors or built-in adversarial tensors. " + EXIT_CODES_HELP,
-    )
-    return add_arguments(parser)

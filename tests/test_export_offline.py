@@ -156,6 +156,22 @@ def test_compressed_tensors_decompresses_to_fake_quantize_bits(qwen3_src, qwen3_
         assert got[name].dtype == want.dtype and torch.equal(_i16(got[name]), _i16(want)), name
 
 
+def test_transformers_loads_the_compressed_tensors_export_bit_exact(qwen3_src, qwen3_dst):
+    """README's loader line: transformers 5.x decompresses our ``mxfp4-pack-quantized`` experts on
+    load into its fused ``[E, 2I, H]`` / ``[E, H, I]`` parameters, equal to fake_quantize(source)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dst, dtype=torch.bfloat16)
+    src = load_file(os.path.join(qwen3_src, "model.safetensors"))
+    for L, layer in enumerate(model.model.layers):
+        for e in range(E):
+            name = f"model.layers.{L}.mlp.experts.{e}.{{}}_proj.weight"
+            gate_up = torch.cat([src[name.format("gate")], src[name.format("up")]])
+            assert torch.equal(_i16(layer.mlp.experts.gate_up_proj[e]), _i16(mxfp4.fake_quantize(gate_up))), (L, e)
+            assert torch.equal(_i16(layer.mlp.experts.down_proj[e]), _i16(mxfp4.fake_quantize(src[name.format("down")]))), (L, e)
+    assert torch.equal(_i16(model.model.layers[0].self_attn.q_proj.weight), _i16(src["model.layers.0.self_attn.q_proj.weight"]))
+
+
 def test_compressed_tensors_config_is_the_mxfp4a16_preset(qwen3_dst):
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.quantization.quant_scheme import MXFP4A16

@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch
 
-from _helpers import REPO
+from _helpers import REPO, require
 from test_export_live import (
     I,
     assert_same_pairs,
@@ -36,7 +36,6 @@ from test_export_live import (
     make_config,
     pg_collection,
     reference_layer,
-    require,
 )
 
 WORLD = 4

@@ -176,24 +176,3 @@ def test_error_during_export_with_progress_on_a_terminal_starts_on_its_own_line(
     assert len(errors) == 1 and errors[0].rstrip("\r").startswith("megatron-qat export: error: "), repr(text)
     assert last in errors[0] and "non-finite" in errors[0]
     assert sorted(os.listdir(tmp_path)) == ["src"]
-
-
-def test_interrupt_in_process_raises_after_cleanup(src, tmp_path, monkeypatch):
-    """In-process callers of ``megatron_qat.cli.main`` get the interruption back (KeyboardInterrupt
-    for a Ctrl-C) once the partial directory is gone."""
-    from megatron_qat.export import offline
-
-    real = offline.convert_tensor
-    calls = []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        yield from real(*a, **k)
-
-    monkeypatch.setattr(offline, "convert_tensor", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(["export", str(src), *EXPORT, "--out", str(tmp_path / "o"), "--no-progress"])
-    assert os.listdir(tmp_path) == [] and len(calls) == 2
-

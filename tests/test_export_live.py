@@ -9,26 +9,11 @@ module are also used by tests/test_export_distributed.py (the multi-process gloo
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
+from _helpers import require
 from te_standin import StandInGroupedLinear
-
-
-def require(module: str, reason: str, minversion: str | None = None):
-    """``pytest.importorskip`` locally; under ``CI=true`` (.ci/run installs these) a missing
-    package FAILS instead of skipping."""
-    if os.environ.get("CI") == "true":
-        mod = importlib.import_module(module)
-        if minversion is not None:
-            from packaging.version import Version
-
-            assert Version(mod.__version__) >= Version(minversion), f"{module} {mod.__version__} < {minversion}"
-        return mod
-    return pytest.importorskip(module, minversion=minversion, reason=reason)
 
 H, I = 64, 64  # hidden, moe_ffn_hidden_size (I/ETP must stay a multiple of 32 for ETP=2)
 

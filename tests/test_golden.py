@@ -1,13 +1,13 @@
 """The golden NumPy model: hand-checked vectors, independence from megatron_qat.mxfp4, and
 bit-exact agreement with megatron_qat.mxfp4 on every synthetic family (integer views)."""
 
-import ast
 import pathlib
 
 import numpy as np
 import pytest
 import torch
 
+from _helpers import imports
 from megatron_qat import mxfp4
 from megatron_qat.parity import golden
 from megatron_qat.numerics.families import synthetic_tensors
@@ -26,13 +26,7 @@ def _codes(packed):
 
 
 def test_golden_imports_nothing_from_megatron_qat():
-    src = pathlib.Path(golden.__file__).read_text()
-    imported = set()
-    for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.Import):
-            imported |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module or "." * node.level)
+    imported = {module for _, _, module in imports(pathlib.Path(golden.__file__))}
     assert imported == {"__future__", "numpy"}, imported
 
 

@@ -7,6 +7,7 @@ extension when installed, else the benchmark stand-in in ``benchmarks/apex_stand
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path

@@ -18,6 +18,8 @@ import socket
 import pytest
 import torch
 
+from _helpers import require
+
 WORLD = 2
 EXPERTS = 4
 
@@ -77,7 +79,7 @@ def _worker(rank, port, outdir):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import torch.multiprocessing as mp
 
     outdir = str(tmp_path_factory.mktemp("metrics_dist"))

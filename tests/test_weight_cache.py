@@ -24,6 +24,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _helpers import require  # noqa: E402
 from _helpers import bits  # noqa: E402
 from te_standin import DDPLikeHooks, StandInGroupedLinear, _StandInGroupedLinearFn  # noqa: E402
 
@@ -188,7 +189,7 @@ class _CpuTorch:
 @pytest.fixture
 def megatron_schedule(monkeypatch, tmp_path):
     """megatron-core's real ``forward_backward_no_pipelining`` with a gloo world of one."""
-    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -504,7 +505,7 @@ def test_megatron_optimizers_step_a_torch_optimizer(cache, monkeypatch):
     classes) end in ``torch.optim.Optimizer.step`` of the wrapped optimizer, so the global post hook
     fires (MixedPrecisionOptimizer / DistributedOptimizer: tests/gpu/test_weight_cache_gpu.py). The
     ``device="cuda"`` loss-scale tensor of FP32Optimizer is made on the CPU here."""
-    pytest.importorskip("megatron.core")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import megatron.core.optimizer.optimizer as mopt
     from megatron.core.optimizer import OptimizerConfig
 

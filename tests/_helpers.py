@@ -76,13 +76,16 @@ def one_line_error(stderr: str, command: str, *needles: str) -> str:
     return lines[0]
 
 
-def imports(path: pathlib.Path):
-    """``(top-level megatron_qat package or None, imported names, module)`` of every import in ``path``.
+def imports(path: pathlib.Path, top_level_only: bool = False):
+    """``(top-level megatron_qat package or None, imported names, module)`` of every import in ``path``
+    (a file of the package; ``top_level_only``: only the module body's own statements, not those
+    inside functions or classes).
 
     ``module`` is the absolute dotted name; the first item is the ``megatron_qat`` sub-package it
     names (``None`` for an import outside ``megatron_qat``)."""
     pkg_parts = path.resolve().relative_to(PKG.parent).with_suffix("").parts[:-1]
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in tree.body if top_level_only else ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = list(pkg_parts[: len(pkg_parts) - node.level + 1])

@@ -120,3 +120,19 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kwargs)
     """``megatron-qat ARGS`` in a real subprocess (text output captured)."""
     return subprocess.run(cli_command(*args), env=cli_env() if env is None else env, capture_output=True,
                           text=True, timeout=timeout, **kwargs)
+
+
+def spawn_ranks(worker, world: int, outdir: str) -> list:
+    """Run ``worker(rank, port, outdir)`` in ``world`` real processes (``torch.multiprocessing.spawn``,
+    a free TCP port on 127.0.0.1 for ``init_process_group``); each rank ``torch.save``s its results
+    to ``outdir/rank{rank}.pt``. Returns them, rank by rank."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, outdir), nprocs=world, join=True)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]

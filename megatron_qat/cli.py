@@ -17,6 +17,7 @@ Subcommand modules are imported only when needed (``megatron-qat --help`` stays 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ class Command:
     # writes what the command records about a refusal (parity: the --json report); returns a note
     # for the error line ("" if none)
     record_error: Callable[[argparse.Namespace, str], str] | None = None
-    # what an interrupted or failed run did not write (shown in its error line)
-    output: Callable[[argparse.Namespace], str | None] = lambda args: None
+    # what an interrupted or failed run left (the end of its error line), e.g. "nothing written to DST"
+    unwritten: Callable[[argparse.Namespace], str] = lambda args: "nothing written"
 
 
 def _parity_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,18 @@ def _parity_record_error(args: argparse.Namespace, text: str) -> str:
     from .parity.runner import record_error
 
     return record_error(args, text)
+
+
+def _parity_unwritten(args: argparse.Namespace) -> str:
+    return f"nothing written to {args.json}" if args.json else "nothing written"
+
+
+def _export_unwritten(args: argparse.Namespace) -> str:
+    if not args.out:
+        return "nothing written"
+    if os.path.isdir(args.out):  # a signal that came right after the rename into place
+        return f"{args.out} had been written completely"
+    return f"nothing written to {args.out}"
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,14 +88,14 @@ COMMANDS = (
         _parity_arguments,
         _parity_run,
         record_error=_parity_record_error,
-        output=lambda args: args.json,
+        unwritten=_parity_unwritten,
     ),
     Command(
         "export",
         "convert a BF16 HF checkpoint to MXFP4 (gpt-oss or compressed-tensors), or --verify one (docs/export.md)",
         _export_arguments,
         _export_run,
-        output=lambda args: args.out,
+        unwritten=_export_unwritten,
     ),
 )
 
@@ -110,11 +123,6 @@ def check_environment() -> None:
         raise errors.ToolError(errors.message(exc)) from None
 
 
-def _unwritten(command: Command, args) -> str:
-    where = command.output(args)
-    return f"nothing written{f' to {where}' if where else ''}"
-
-
 def execute(command: Command, args: argparse.Namespace) -> int:
     """Run ``command`` (see the module docstring); returns its exit code."""
     with signals.raising():
@@ -125,16 +133,16 @@ def execute(command: Command, args: argparse.Namespace) -> int:
             text = errors.message(exc)
         except OSError as exc:  # disk full, permission, file size limit: what and where, in one line
             where = f"{exc.filename}: " if exc.filename else ""
-            text = f"{where}{exc.strerror or errors.message(exc)} ({_unwritten(command, args)})"
+            text = f"{where}{exc.strerror or errors.message(exc)} ({command.unwritten(args)})"
         except (signals.Interrupted, KeyboardInterrupt) as exc:
             signum = exc.signum if isinstance(exc, signals.Interrupted) else signal.SIGINT
-            errors.report(command.name, f"interrupted by {signum.name}; {_unwritten(command, args)}")
+            errors.report(command.name, f"interrupted by {signum.name}; {command.unwritten(args)}")
             if signum == signal.SIGINT and not isinstance(exc, KeyboardInterrupt):
                 raise KeyboardInterrupt from None
             raise
     note = command.record_error(args, text) if command.record_error else ""
     errors.report(command.name, text + note)
-    return errors.ExitCode.ERROR
+    return int(errors.ExitCode.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,7 +84,7 @@ def test_flag_alone_patches_a_real_moe_layer(recipe):
     active = [line for line in r.stdout.splitlines() if "MXFP4 fake-QAT active" in line]
     built = [line for line in r.stdout.splitlines() if "model built with MXFP4 fake-QAT" in line]
     assert len(active) == 1 and f"recipe={recipe or 'flashinfer-w4a16'}" in active[0], r.stdout
-    assert len(built) == 2, r.stdout  # the layer and the reference, each its own model build
+    assert len(built) == 1 and "in 2 MoELayer(s)" in built[0], r.stdout  # both built before the first forward
     if recipe is None:  # weights only: equal to the flag-off reference holding fake_quantize(w)
         assert "equal True" in r.stdout, r.stdout
 

@@ -52,6 +52,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+# TOPK = 2: megatron's token unpermute / permute-backward scatter-add (atomic on CUDA) then sums at
+# most two contributions onto zeros, which is order-independent, so a bitwise comparison is fair.
 HIDDEN, FFN, EXPERTS, TOPK = 128, 64, 4, 2
 SEQ, MICRO_BATCH = 16, 2  # tokens per micro-batch per rank: SEQ * MICRO_BATCH
 BLOCK = 32

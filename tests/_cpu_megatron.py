@@ -170,20 +170,25 @@ def install():
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.utils as core_utils
 
-    ext.TEGroupedLinear = TEGroupedLinear
-    ext.TEColumnParallelGroupedLinear = TEColumnParallelGroupedLinear
-    ext.TERowParallelGroupedLinear = TERowParallelGroupedLinear
+    classes = {"TEGroupedLinear": TEGroupedLinear, "TEColumnParallelGroupedLinear": TEColumnParallelGroupedLinear,
+               "TERowParallelGroupedLinear": TERowParallelGroupedLinear}
+    # the TE spec provider (get_moe_module_spec) copies these names when it is imported
+    provider = sys.modules.get("megatron.core.extensions.transformer_engine_spec_provider")
+    for module in (ext, provider):
+        for name, cls in classes.items():
+            if module is not None:
+                setattr(module, name, cls)
     torch.cuda.current_device = lambda: torch.device("cpu")
     for module in (optimizer, clip_grads, core_utils, schedules, param_and_grad_buffer):
         module.torch = _CpuTorch()
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    cls = distrib_optimizer.DistributedOptimizer
-    build = cls._build_model_and_main_param_groups
+    optimizer_cls = distrib_optimizer.DistributedOptimizer
+    build = optimizer_cls._build_model_and_main_param_groups  # a classmethod, bound here
 
     def build_on_cpu(*args, **kwargs):
         with cuda_type_names():
             return build(*args, **kwargs)
 
-    cls._build_model_and_main_param_groups = staticmethod(build_on_cpu)
+    optimizer_cls._build_model_and_main_param_groups = staticmethod(build_on_cpu)
     return ext

@@ -332,6 +332,14 @@ def check(args, device):
     return failures, facts
 
 
+def _te_version(args) -> str:
+    if args.backend == "gloo":
+        return "Transformer Engine: stand-in"
+    import transformer_engine
+
+    return f"Transformer Engine {transformer_engine.__version__}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = init(args)
@@ -341,10 +349,14 @@ def main(argv=None) -> int:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (failures, facts))
     if dist.get_rank() == 0:
+        import megatron.core
+
         stand_in = " (Transformer Engine STAND-IN, tests/_cpu_megatron.py)" if args.backend == "gloo" else ""
         print(f"EP={args.ep} training check: backend {args.backend}{stand_in}, dispatcher {args.dispatcher}, "
               f"{dist.get_world_size()} ranks, {args.steps} optimizer steps x {args.micro_batches} micro-batches, "
               "megatron DDP + distributed optimizer, gradient_accumulation_fusion=True")
+        print(f"versions: megatron-core {megatron.core.__version__}, {_te_version(args)}, torch {torch.__version__}, "
+              f"Python {sys.version.split()[0]}")
         for rank, (fails, f) in enumerate(everyone):
             n = f["compared"]
             print(f"rank {rank}: {f['experts']} expert weights; compared {n['outputs']} outputs and {n['main_grads']} "

@@ -5,6 +5,9 @@
 #   bash tests/gpu/run_device_validation.sh kernel   # Triton GPU tests, then the benchmark (no TE needed)
 #   bash tests/gpu/run_device_validation.sh new      # the GPU tests of issues 8-11 (cache, CUDA graph, export, metrics)
 #   bash tests/gpu/run_device_validation.sh step     # benchmarks/bench_step.py -> $OUT/step.md (issues 9 and 11)
+#   bash tests/gpu/run_device_validation.sh multigpu # issue 19 on >= 2 GPUs: EP=2 training check (both dispatchers),
+#                                                    # NCCL weight-sync benchmark -> $OUT/export_<gpu>-nccl.md
+#   bash tests/gpu/run_device_validation.sh multigpu-smoke  # the same scripts on ONE GPU (EP=1; no wire)
 # Logs go to $OUT (the device tool's output folder) or /tmp/mqat_out.
 set -u
 OUT="${OUT:-/tmp/mqat_out}"; mkdir -p "$OUT"
@@ -26,6 +29,15 @@ case "${1:-checks}" in
   new)
     TAILN=20 step gpu_new python -m pytest -q -rs tests/gpu/test_megatron_gpu.py tests/gpu/test_weight_cache_gpu.py tests/gpu/test_grouped_cuda_graph.py tests/gpu/test_cuda_graph_patched_gpu.py tests/gpu/test_export_gpu.py tests/gpu/test_metrics_gpu.py
     TAILN=12 step megatron_triton python tests/gpu/run_megatron_validation.py ;;
+  multigpu)
+    RUN="python -m torch.distributed.run --standalone --nproc-per-node 2"
+    TAILN=6 step ep2_alltoall $RUN tests/gpu/ep2_training.py --backend nccl --dispatcher alltoall
+    TAILN=6 step ep2_allgather $RUN tests/gpu/ep2_training.py --backend nccl --dispatcher allgather
+    TAILN=12 step bench_export_nccl $RUN benchmarks/bench_export.py --backend nccl --out "$OUT" ;;
+  multigpu-smoke)
+    RUN="python -m torch.distributed.run --standalone --nproc-per-node 1"
+    TAILN=4 step ep1_training $RUN tests/gpu/ep2_training.py --backend nccl --ep 1
+    TAILN=12 step bench_export_1gpu $RUN benchmarks/bench_export.py --backend nccl --out "$OUT" ;;
   step)
     TAILN=80 step bench_step python benchmarks/bench_step.py --out "$OUT/step.md" ${STEP_ARGS:-} ;;
   kernel)

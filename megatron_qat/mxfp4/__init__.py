@@ -130,7 +130,3 @@ def quantize_many(xs, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None 
     if torch.compiler.is_compiling():
         return [ops.quantize(x, block_size, impl) for x in xs]
     return backends.quantize_many(xs, block_size, impl)
-
-
-def fake_quantize_activation(x, rule, block_size=DEFAULT_BLOCK_SIZE):  # TEMP SHIM: DO NOT COMMIT
-    return fake_quantize_ste(x, block_size)

@@ -29,7 +29,7 @@ class GroupedFakeQuantizer:
     without a graph break; the table is then built per call).
     """
 
-    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None, rule=None):  # TEMP rule
+    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None):
         self.block_size = check_block_size(block_size)
         self.impl = impl
         self._tables = None  # GroupTableSlot, created by the first call that runs the Triton kernel

@@ -242,11 +242,10 @@ def qat_run(args, device, cache: bool):
     import megatron_qat
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_qat.megatron import weight_cache
+    from megatron_qat.megatron import current
 
     os.environ[CACHE_ENV] = "1" if cache else "0"
     megatron_qat.enable(BLOCK)
-    weight_cache.reset_stats()
     try:
         layer, model = build(args, device)
         optimizer = get_megatron_optimizer(
@@ -262,7 +261,7 @@ def qat_run(args, device, cache: bool):
             assert update_ok, f"step {step}: the distributed optimizer skipped its update"
             after = {n: p.detach().clone() for n, p in layer.named_parameters()}
             steps.append({"before": before, "outs": outs, "grads": grads, "after": after})
-        stats = weight_cache.stats()
+        stats = current().stats()
         return steps, (stats.hits, stats.misses, stats.uncached), sorted(expert_params(layer))
     finally:
         megatron_qat.disable()

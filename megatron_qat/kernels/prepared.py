@@ -125,14 +125,17 @@ class PreparedGroup:
                  "fast", "fast_args", "slow_args")  # fmt: skip
 
     def matches(self, xs) -> bool:
-        return (
-            len(xs) == self.n
-            and tuple(map(_DATA_PTR, xs)) == self.ptrs
-            and tuple(map(_SHAPE, xs)) == self.shapes
-            and tuple(map(_DTYPE, xs)) == self.dtypes
-            and all(map(_IS_CONTIGUOUS, xs))
-            and xs[0].device == self.device
-        )
+        try:
+            return (
+                len(xs) == self.n
+                and tuple(map(_DATA_PTR, xs)) == self.ptrs
+                and tuple(map(_SHAPE, xs)) == self.shapes
+                and tuple(map(_DTYPE, xs)) == self.dtypes
+                and all(map(_IS_CONTIGUOUS, xs))
+                and xs[0].device == self.device
+            )
+        except TypeError:  # not a tensor: the validating path names it
+            return False
 
     def __call__(self) -> list[torch.Tensor]:
         out = torch.empty(self.total, dtype=self.dtype, device=self.device)

@@ -57,7 +57,7 @@ def _reference_forward(ref, x, recipe):
     if recipe.activations is not None:
         q = mxfp4.fake_quantize(x.detach(), 32, rule=recipe.activations, impl="reference")
         x = _Identity.apply(x, q)
-    return StandInGroupedLinear.forward(ref, x, SPLITS, is_first_microbatch=None)
+    return StandInGroupedLinear.forward(ref, x, SPLITS, is_first_microbatch=True)  # as the patched layer's first call
 
 
 class _Identity(torch.autograd.Function):

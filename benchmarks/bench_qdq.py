@@ -59,7 +59,7 @@ ACTIVATION_SHAPES = [
     ("DeepSeek-V3-class fc2 input", 4096, 2048),
 ]
 WEIGHT_RULES_GROUPED = ("vllm-online-mxfp4", "ties-down-mxfp4")  # extra triton-grouped rows
-ACTIVATION_RULES = ("flashinfer-mxfp8", "flashinfer-mxfp4")
+ACTIVATION_RULES = ("flashinfer-mxfp8", "vllm-online-mxfp4", "flashinfer-mxfp4")  # W4A8, vLLM W4A4, FlashInfer MXFP4
 ROTATE_BYTES = 256 << 20  # rotate through at least this much input (H100/H200 L2 is 50-60 MiB)
 CALLS_PER_SAMPLE = 10
 SLEEP_CYCLES = 20_000_000  # ~10 ms at 2 GHz: longer than the host needs to enqueue one batch

@@ -1,5 +1,9 @@
-"""megatron_qat.metrics values on CPU: the statistics pass follows the numerics reference bit for bit,
-and every statistic equals an independent float64 computation on the adversarial input families.
+"""megatron_qat.metrics values: both executions of the statistics (the torch pass and the Triton
+kernel, CPU: Triton interpreter; on a GPU both run on CUDA) follow the numerics reference bit for
+bit, and every statistic equals an independent float64 computation on the adversarial input
+families: counters and histograms exactly, the float64 sums within 1e-12 (their summation order is
+the execution's own; docs/metrics.md). tests/test_metrics_kernel.py checks the kernel's per-element
+values and its launch.
 
 The float64 side uses tests/scalar_oracle.py (per-element Python floats: frexp scale exponent,
 nearest-value E2M1 search with ties to the even code), so it shares no code with the pass.
@@ -7,7 +11,9 @@ nearest-value E2M1 search with ties to the even code), so it shares no code with
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
@@ -20,9 +26,19 @@ from megatron_qat.numerics import families
 from megatron_qat.numerics.format import INT_VIEW_DTYPES, pack_nibbles
 from megatron_qat.numerics.reference import fake_quantize_reference, quantize_reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SHAPE = (2, 4, 64)  # 2 experts [4, 64]: 16 blocks of 32
 TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+# The kernel execution: skipped without Triton locally, FAILS under CI=true (.ci/run installs it).
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None and os.environ.get("CI") != "true",
+    reason="the triton extra is not installed (pip install -e '.[triton]')",
+)
+IMPLS = ("reference", pytest.param("triton", marks=needs_triton))
+pytestmark = pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # interpreter
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -75,11 +91,12 @@ def _expected(x: torch.Tensor, block_size: int = 32) -> dict:
     return out
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("family", families.ALL_FAMILIES)
-def test_statistics_equal_a_float64_computation(family, dtype):
+def test_statistics_equal_a_float64_computation(family, dtype, impl):
     x = families.make(family, SHAPE, dtype, seed=5)
-    stats = block_stats.measure([x[0], x[1]], 32)
+    stats = block_stats.measure([x[0].to(DEVICE), x[1].to(DEVICE)], 32, impl=impl)
     got = reduce({"layer_1/fc1": stats})["layer_1/fc1"]
     want = _expected(x)
     for field in block_stats.COUNT_FIELDS + ("hist",):
@@ -110,38 +127,74 @@ def test_scalars_from_raw_sums():
     assert s["rel_rmse"] == 0.0 and "scale_byte_median" not in s
 
 
-def test_grouped_weight_list_and_row_chunks_agree(monkeypatch):
-    x = families.make("random_extreme", (3, 8, 64), torch.bfloat16, seed=1)
-    whole = reduce({"a": block_stats.measure([x], 32)})["a"]
-    listed = reduce({"a": block_stats.measure(list(x.unbind(0)), 32)})["a"]
-    monkeypatch.setattr(block_stats, "_CHUNK_ELEMENTS", 64)  # one row per chunk
-    chunked = reduce({"a": block_stats.measure([x], 32)})["a"]
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grouped_weight_list_and_list_of_experts_agree(impl):
+    x = families.make("random_extreme", (3, 8, 64), torch.bfloat16, seed=1).to(DEVICE)
+    whole = reduce({"a": block_stats.measure([x], 32, impl=impl)})["a"]
+    listed = reduce({"a": block_stats.measure(list(x.unbind(0)), 32, impl=impl)})["a"]
     assert whole == listed
+
+
+def test_row_chunks_of_the_torch_pass_agree(monkeypatch):
+    x = families.make("random_extreme", (3, 8, 64), torch.bfloat16, seed=1)
+    whole = reduce({"a": block_stats.measure([x], 32, impl="reference")})["a"]
+    monkeypatch.setattr(block_stats, "_CHUNK_ELEMENTS", 64)  # one row per chunk
+    chunked = reduce({"a": block_stats.measure([x], 32, impl="reference")})["a"]
     assert whole["hist"] == chunked["hist"] and all(whole[f] == chunked[f] for f in block_stats.COUNT_FIELDS)
     assert chunked["sq_err"] == pytest.approx(whole["sq_err"], rel=1e-12)
 
 
-def test_per_expert_nonfinite_counts_and_ids():
+def _ragged_experts(dtype):
+    """Experts of different shapes (multi-tile, partial last tile, an empty one, a 3-D one), with
+    non-finite blocks in some: every path of the grouped launch."""
+    big = families.make("random_extreme", (24, 96), dtype, seed=2)
+    big[5, 7] = float("nan")
+    small = families.make("ties", (2, 32), dtype, seed=3)
+    extra = families.make("nan_inf_blocks", (3, 64), dtype, seed=4)
+    return [big, torch.empty(0, 96, dtype=dtype), small, extra]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_two_executions_agree(dtype):
+    """One definition, two executions: the kernel and the torch pass give the same counters,
+    histogram and per-expert non-finite counts; their float64 sums agree within 1e-12."""
+    experts = [w.to(DEVICE) for w in _ragged_experts(dtype)]
+    ids = (10, 11, 12, 13)
+    ref = block_stats.measure(experts, 32, ids, impl="reference")
+    ker = block_stats.measure(experts, 32, ids, impl="triton")
+    assert torch.equal(ker.counts, ref.counts) and torch.equal(ker.scale_hist, ref.scale_hist)
+    assert torch.equal(ker.nonfinite_per_expert, ref.nonfinite_per_expert)
+    assert ker.nonfinite_per_expert.tolist()[0] == 1 and ker.expert_ids == ids
+    assert ker.sums.dtype == torch.float64 and ker.sums.shape == (2,)
+    assert ker.sums.tolist() == pytest.approx(ref.sums.tolist(), rel=1e-12, abs=0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_expert_nonfinite_counts_and_ids(impl):
     x = torch.randn(3, 4, 64)
     x[1, 2, 5] = float("nan")
     x[1, 0, 40] = float("inf")
-    stats = block_stats.measure(list(x.unbind(0)), 32, expert_ids=(6, 7, 8))
+    stats = block_stats.measure(list(x.to(DEVICE).unbind(0)), 32, expert_ids=(6, 7, 8), impl=impl)
     assert stats.nonfinite_per_expert.tolist() == [0, 2, 0] and stats.expert_ids == (6, 7, 8)
 
 
-def test_bad_weights_are_refused_with_the_shape():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_weights_are_refused_with_the_shape(impl):
     with pytest.raises(ValueError, match=r"shape \(4, 48\).*block size 32"):
-        block_stats.measure([torch.zeros(4, 48)], 32)
+        block_stats.measure([torch.zeros(4, 48, device=DEVICE)], 32, impl=impl)
     with pytest.raises(ValueError, match="2 expert weights but 1 expert ids"):
-        block_stats.measure([torch.zeros(4, 32), torch.zeros(4, 32)], 32, expert_ids=(0,))
+        block_stats.measure([torch.zeros(4, 32, device=DEVICE), torch.zeros(4, 32, device=DEVICE)], 32,
+                            expert_ids=(0,), impl=impl)  # fmt: skip
 
 
-def test_flushed_nonzero_block_is_counted():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_flushed_nonzero_block_is_counted(impl):
     """A block whose amax * RN(1/6) is subnormal gets scale byte 0: flushed, its values lost."""
     x = torch.zeros(1, 64)
     x[0, 3] = 2.0**-125  # normal, but 2**-125 / 6 < 2**-126: byte 0, fake value 0
     x[0, 40] = 1.0  # second block healthy
-    raw = reduce({"a": block_stats.measure([x], 32)})["a"]
+    raw = reduce({"a": block_stats.measure([x.to(DEVICE)], 32, impl=impl)})["a"]
     assert (raw["flushed_blocks"], raw["flushed_nonzero_blocks"], raw["hist"][0]) == (1, 1, 1)
     assert raw["sq_err"] == pytest.approx((2.0**-125) ** 2, rel=1e-12)
     assert raw == _expected(x.reshape(1, 1, 64)) | {"sq_err": raw["sq_err"], "sq_master": raw["sq_master"]}

@@ -176,10 +176,11 @@ def stats_kernel(
         finite = amax_bits < INF_BITS
         ok = finite & row_ok
         okm = ok[:, None]
-        x64 = bits.to(tl.float32, bitcast=True).to(tl.float64)
-        err = fake.to(tl.float64) - x64
-        sq_err += tl.sum(tl.where(okm, err * err, 0.0), axis=1)
-        sq_master += tl.sum(tl.where(okm, x64 * x64, 0.0), axis=1)
+        # non-finite blocks are zeroed before the (quarter-rate) float64 conversions
+        x64 = tl.where(okm, bits.to(tl.float32, bitcast=True), 0.0).to(tl.float64)
+        err = tl.where(okm, fake, 0.0).to(tl.float64) - x64
+        sq_err += tl.sum(err * err, axis=1)
+        sq_master += tl.sum(x64 * x64, axis=1)
         at_max_n += tl.sum((okm & (q == E2M1_MAX)).to(tl.int32), axis=1)
         ties_n += tl.sum((okm & is_tie(a, q)).to(tl.int32), axis=1)
 

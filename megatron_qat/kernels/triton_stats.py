@@ -36,9 +36,10 @@ from ..numerics.format import INT_VIEW_DTYPES
 from . import qdq_jit, stats_jit
 
 ELEMS_PER_TILE = 4096  # elements per tile (NB blocks); 8 KiB of bf16 per load
-PROGRAMS_PER_SM = 8  # persistent-style grid: enough tiles in flight to cover memory latency
+PROGRAMS_PER_SM = 4  # persistent-style grid: 32 resident warps per SM keep tiles in flight
 INTERPRETER_PROGRAMS = 8  # CPU (Triton interpreter): programs in all; several per expert in tests
-NUM_WARPS = 4
+MAX_EXPERTS = 65535  # the grid's second dimension: one per expert
+NUM_WARPS = 8  # 16 elements per thread: room for the float64 temporaries
 N_INTS_BEFORE_EXPERTS = stats_jit.N_COUNTERS.value + stats_jit.SCALE_BINS.value  # then one per expert
 
 _KIND = {torch.bfloat16: qdq_jit.KIND_BF16, torch.float16: qdq_jit.KIND_FP16, torch.float32: qdq_jit.KIND_FP32}
@@ -91,6 +92,8 @@ def build_stats_table(xs, block_size: int, nb: int, programs: int | None) -> Sta
     RuntimeError before allocating anything."""
     if _capturing(xs[0]):
         raise RuntimeError(CAPTURE_ERROR.format(n=len(xs)))
+    if len(xs) > MAX_EXPERTS:
+        raise ValueError(f"megatron_qat metrics: {len(xs)} expert weights in one module; the launch takes at most {MAX_EXPERTS}")
     key = _table_key(xs, block_size, nb, programs)
     ptrs, numels = key[5], key[6]
     esize = xs[0].element_size()
@@ -146,12 +149,14 @@ def module_stats(xs, block_size: int, *, tables: StatsTableSlot | None = None, e
     caller's slot for this list (else a table for this call only). ``elems_per_tile``, ``programs``
     (programs in all) and ``num_warps`` override the launch heuristic (benchmarks, tests)."""
     dev = xs[0].device
-    ints = torch.zeros(N_INTS_BEFORE_EXPERTS + len(xs), dtype=torch.int64, device=dev)
     max_blocks = max(t.numel() for t in xs) // block_size
     if max_blocks == 0:
+        ints = torch.zeros(N_INTS_BEFORE_EXPERTS + len(xs), dtype=torch.int64, device=dev)
         return torch.zeros(2, dtype=torch.float64, device=dev), ints
     nb, bs_p2 = tile_config(max_blocks, block_size, elems_per_tile)
+    # the table first: a rebuild refused during a capture raises before anything is enqueued
     st = tables.get(xs, block_size, nb, programs) if tables is not None else build_stats_table(xs, block_size, nb, programs)
+    ints = torch.zeros(N_INTS_BEFORE_EXPERTS + len(xs), dtype=torch.int64, device=dev)
     partial = torch.empty((st.grid[0] * st.grid[1], 2), dtype=torch.float64, device=dev)
     base = _load_view(xs[st.base_index])
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():

@@ -186,7 +186,7 @@ class GroupedStats:
     def table_builds(self) -> int:
         return 0 if self._tables is None else self._tables.builds
 
-    def slot(self):
+    def _slot(self):
         if self._tables is None:
             from ..kernels import triton_stats
 
@@ -227,7 +227,7 @@ def _measure_triton(experts, block_size: int, ids, owner: GroupedStats | None) -
                 f"{first.dtype} on {first.device}; one module's experts share one dtype and device"
             )
     xs = [w.detach().contiguous() for w in experts]
-    sums, ints = triton_stats.module_stats(xs, block_size, tables=owner.slot() if owner is not None else None)
+    sums, ints = triton_stats.module_stats(xs, block_size, tables=owner._slot() if owner is not None else None)
     n_counts = len(COUNT_FIELDS)
     hist_end = n_counts + SCALE_BINS
     return LocalStats(sums, ints[:n_counts], ints[n_counts:hist_end], ints[hist_end:], block_size, ids)

@@ -22,26 +22,30 @@ triton = pytest.importorskip("triton", reason="the triton extra is not installed
 tl = triton.language
 
 from megatron_qat.kernels import triton_stats  # noqa: E402
+from megatron_qat.kernels.triton_qdq import rule_constexprs  # noqa: E402
 from megatron_qat.kernels.stats_jit import float32_bits, is_tie, quantize_tile  # noqa: E402
 from megatron_qat.metrics import block_stats  # noqa: E402
 from megatron_qat.numerics import families  # noqa: E402
 from megatron_qat.numerics.format import E2M1_MAGNITUDES, INT_VIEW_DTYPES, unpack_nibbles  # noqa: E402
 from megatron_qat.numerics.reference import fake_quantize_reference, quantize_reference  # noqa: E402
+from megatron_qat.numerics.rules import FLASHINFER_MXFP4, TIES_DOWN_MXFP4, VLLM_ONLINE_MXFP4  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+RULES = (FLASHINFER_MXFP4, VLLM_ONLINE_MXFP4, TIES_DOWN_MXFP4)  # the E2M1 weight rules
 pytestmark = pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # interpreter
 
 
 @triton.jit
 def _probe_kernel(x_ptr, byte_ptr, amax_ptr, a_ptr, q_ptr, fake_ptr, tie_ptr, KIND: tl.constexpr, BS: tl.constexpr,
-                  NB: tl.constexpr):  # fmt: skip
+                  NB: tl.constexpr, ELEM: tl.constexpr, SCALE: tl.constexpr, TIES: tl.constexpr,
+                  FTZ: tl.constexpr):  # fmt: skip
     """Writes what the statistics kernel computes per block and per element for NB blocks."""
     rows = tl.arange(0, NB)
     offs = rows[:, None] * BS + tl.arange(0, BS)[None, :]
     bits = float32_bits(tl.load(x_ptr + offs), KIND)
-    byte, amax_bits, a, q, fake = quantize_tile(bits, KIND)
+    byte, amax_bits, a, q, fake = quantize_tile(bits, KIND, SCALE, TIES, FTZ)
     tl.store(byte_ptr + rows, byte)
     tl.store(amax_ptr + rows, amax_bits)
     tl.store(a_ptr + offs, a)
@@ -50,8 +54,9 @@ def _probe_kernel(x_ptr, byte_ptr, amax_ptr, a_ptr, q_ptr, fake_ptr, tie_ptr, KI
     tl.store(tie_ptr + offs, is_tie(a, q).to(tl.int8))
 
 
-def probe(x: torch.Tensor, block_size: int = 32) -> dict:
-    """The kernel's per-block/per-element values of ``x [R, K]`` (a power-of-two number of blocks)."""
+def probe(x: torch.Tensor, rule=FLASHINFER_MXFP4, block_size: int = 32) -> dict:
+    """The kernel's per-block/per-element values of ``x [R, K]`` under ``rule`` (a power-of-two
+    number of blocks)."""
     blocks = x.numel() // block_size
     x = x.contiguous().to(DEVICE)
     load = x if x.dtype == torch.float16 else x.view(INT_VIEW_DTYPES[x.dtype])
@@ -63,7 +68,7 @@ def probe(x: torch.Tensor, block_size: int = 32) -> dict:
         "fake": torch.empty(x.numel(), dtype=torch.float32, device=DEVICE),
         "tie": torch.empty(x.numel(), dtype=torch.int8, device=DEVICE),
     }
-    _probe_kernel[(1,)](load, *out.values(), KIND=KIND[x.dtype], BS=block_size, NB=blocks)
+    _probe_kernel[(1,)](load, *out.values(), KIND=KIND[x.dtype], BS=block_size, NB=blocks, **rule_constexprs(rule))
     return {k: v.cpu() for k, v in out.items()}
 
 
@@ -76,28 +81,30 @@ def kernel_codes(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return magnitude | (sign << 3)
 
 
+@pytest.mark.parametrize("rule", RULES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("family", families.ALL_FAMILIES)
-def test_kernel_values_are_the_reference_bit_for_bit(family, dtype):
+def test_kernel_values_are_the_reference_bit_for_bit(family, dtype, rule):
     """Scale bytes, codes and fake values of every finite block equal quantize_reference /
-    fake_quantize_reference; |v| equals the torch pass's, so ties are counted on the same values."""
+    fake_quantize_reference of the rule; |v| equals the torch pass's, so ties are counted on the
+    same values."""
     x = families.make(family, (8, 64), dtype, seed=3)
-    got = probe(x)
+    got = probe(x, rule)
     finite = got["amax_bits"] < 0x7F800000
     assert torch.equal(finite, torch.isfinite(x.float().reshape(16, 32)).all(dim=1))
     keep = finite.repeat_interleave(32)
-    ref_fake = fake_quantize_reference(x, 32).reshape(-1)
+    ref_fake = fake_quantize_reference(x, 32, rule=rule).reshape(-1)
     ints = INT_VIEW_DTYPES[dtype]
     assert torch.equal(got["fake"].to(dtype).view(ints)[keep], ref_fake.view(ints)[keep])
-    _, _, _, v, _ = block_stats.quantize_for_stats(x, 32)
+    _, _, _, v, _ = block_stats.quantize_for_stats(x, 32, rule)
     assert torch.equal(got["a"].view(torch.int32)[keep], v.abs().reshape(-1).view(torch.int32)[keep])
     if bool(finite.all()):
-        ref_codes, ref_scales = quantize_reference(x, 32)
+        ref_codes, ref_scales = quantize_reference(x, 32, rule=rule)
         assert torch.equal(got["byte"].to(torch.uint8), ref_scales.reshape(-1))
         assert torch.equal(kernel_codes(x, got["q"]), unpack_nibbles(ref_codes).reshape(-1))
     else:  # nan_inf_blocks: the finite blocks against the reference of those blocks alone
         xf = x.reshape(16, 32)[finite]
-        ref_codes, ref_scales = quantize_reference(xf, 32)
+        ref_codes, ref_scales = quantize_reference(xf, 32, rule=rule)
         assert torch.equal(got["byte"][finite].to(torch.uint8), ref_scales.reshape(-1))
         assert torch.equal(kernel_codes(xf, got["q"][keep]), unpack_nibbles(ref_codes).reshape(-1))
 
@@ -120,21 +127,23 @@ def _on_the_grid(dtype) -> torch.Tensor:
     return torch.cat([six, body.reshape(n_blocks, per_block)], dim=1)
 
 
+@pytest.mark.parametrize("rule", RULES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tie_test_is_the_decision_point_definition(dtype):
-    """is_tie(a, q) holds exactly for |v| on a midpoint of adjacent E2M1 magnitudes."""
+def test_tie_test_is_the_decision_point_definition(dtype, rule):
+    """is_tie(a, q) holds exactly for |v| on a midpoint of adjacent E2M1 magnitudes, whichever way
+    the rule sends the tie."""
     x = _on_the_grid(dtype)
-    got = probe(x)
+    got = probe(x, rule)
     assert bool((got["byte"] == 127).all())
     a = got["a"].double()
     mags = x.double().abs().reshape(-1)
-    assert torch.equal(a, torch.where(mags < 2.0**-126, 0.0, mags))  # FTZ
+    assert torch.equal(a, torch.where(mags < 2.0**-126, 0.0, mags) if rule.ftz else mags)
     on_midpoint = torch.zeros_like(a, dtype=torch.bool)
     for t in block_stats.TIE_POINTS:
         on_midpoint |= a == t
     assert int(on_midpoint.sum()) >= len(block_stats.TIE_POINTS)
     assert torch.equal(got["tie"].bool(), on_midpoint)
-    assert torch.equal(kernel_codes(x, got["q"]), unpack_nibbles(quantize_reference(x, 32)[0]).reshape(-1))
+    assert torch.equal(kernel_codes(x, got["q"]), unpack_nibbles(quantize_reference(x, 32, rule=rule)[0]).reshape(-1))
 
 
 def _ragged(dtype=torch.bfloat16) -> list[torch.Tensor]:

@@ -3,18 +3,18 @@
 Two parts:
 
 - :func:`quantize_tile`, the ONE call that applies the weight rule to a tile of blocks and
-  returns everything the statistics need per block (scale byte, finiteness) and per element
-  (``a = |v|``, its rounded grid magnitude ``q``, the fake value in the weight's dtype). It is the
-  FlashInfer rule computed exactly as the QDQ kernel's value path (``qdq_jit.qdq_tile``,
-  ``WRITE_VALUES``): scale byte from the bits of ``p = amax * RN(1/6)``; ``a = |x| * 2**(127-byte)``
-  with FTZ; RNE onto the E2M1 grid by one magic-number add; saturation at 6. docs/kernel.md states
-  why each step is exact. The statistics below never look at the rule, only at these outputs.
+  returns everything the statistics need per block (scale byte, amax) and per element (``a = |v|``,
+  its rounded grid magnitude ``q``, the fake value in the weight's dtype). It is built from the
+  QDQ kernel's per-block pieces (``qdq_jit.scale_byte``, ``scaled_magnitude``, ``round_magnitude``,
+  ``fake_value_bits``), selected by the same rule constexprs (``SCALE``, ``TIES``, ``FTZ``; E2M1
+  elements), so the statistics describe exactly what ``fake_quantize`` computes under that rule.
 - :func:`stats_kernel`, one launch per module: program ``(c, e)`` walks the tiles ``c, c + C,
   c + 2C, ...`` of expert ``e`` (``C`` programs per expert), reads each element once, keeps its
   partial results in registers and writes them once at the end: float64 partial sums to its own
   slot (reduced on the device afterwards in a fixed order, so the sums are deterministic), int64
   counters, scale-byte histogram and the expert's non-finite block count by atomic adds (integer
-  atomics: order-independent, exact).
+  atomics: order-independent, exact). The statistics never look at the rule, only at what
+  :func:`quantize_tile` returns.
 
 Per element the statistics cost: the rule (integer + fp32 pipe), two float32 -> float64
 conversions and three float64 operations for ``(fake - x)**2`` and ``x**2``.
@@ -22,26 +22,16 @@ conversions and three float64 operations for ``(fake - x)**2`` and ``x**2``.
 
 from __future__ import annotations
 
-import struct
-
 import triton
 import triton.language as tl
 
-from ..numerics.format import E2M1_MAGNITUDES
-from .qdq_jit import INF_BITS, RCP_SIX_BITS, SIGN32
+from .qdq_jit import E2M1_MAX, INF_BITS, SIGN32, fake_value_bits, round_magnitude, scale_byte, scaled_magnitude
 
-
-def _float32_bits(value: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", value))[0]
-
-
-# The E2M1 maximum (+-6), the saturation value of the rounding.
-E2M1_MAX = tl.constexpr(max(E2M1_MAGNITUDES))
 # An element is a tie when |v| is the midpoint of two adjacent E2M1 magnitudes (0.25, 0.75, 1.25,
 # 1.75, 2.5, 3.5, 5): the rounding rule, not the value, decides where it goes. Within the binade
 # of |v| (exponent E clamped to [0, 2], as in the rounding) the grid step is 2**(E-1), so the
 # midpoints are exactly the |v| at distance 2**(E-2) from the grid value they round to. Checked
-# against the midpoints of E2M1_MAGNITUDES by tests/test_metrics_values.py.
+# against the midpoints of E2M1_MAGNITUDES by tests/test_metrics_kernel.py.
 HALF_STEP_OFFSET = tl.constexpr(2 << 23)  # exponent field of 2**(E-2) = that of 2**E minus 2
 
 # The int64 counters the kernel writes, in the order of megatron_qat.metrics.block_stats.COUNT_FIELDS:
@@ -65,42 +55,27 @@ def float32_bits(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def quantize_tile(bits, KIND: tl.constexpr):
-    """The FlashInfer MXFP4 rule on a tile ``bits`` (int32 float32 bit patterns ``[NB, BS_P2]``,
-    one block per row; padding lanes hold 0).
+def quantize_tile(bits, KIND: tl.constexpr, SCALE: tl.constexpr, TIES: tl.constexpr, FTZ: tl.constexpr):
+    """The E2M1 weight rule (``SCALE``, ``TIES``, ``FTZ``: ``triton_qdq.rule_constexprs``) on a tile
+    ``bits`` (int32 float32 bit patterns ``[NB, BS_P2]``, one block per row; padding lanes hold 0).
 
     Returns ``(byte, amax_bits, a, q, fake)``:
     - ``byte`` int32 ``[NB]``: E8M0 scale byte (meaningless for a non-finite block);
     - ``amax_bits`` int32 ``[NB]``: float32 bits of the block's max ``|x|``; ``>= INF_BITS`` marks a
       block holding NaN or inf, 0 an all-zero block;
-    - ``a`` float32 ``[NB, BS_P2]``: ``|v| = |x| * 2**(127 - byte)``, 0 for a float32-subnormal
-      ``x`` (FTZ) and for bytes 0 and 254 (multiplier 0);
-    - ``q`` float32: ``a`` rounded half-to-even onto the E2M1 magnitudes, saturated at 6 (the
+    - ``a`` float32 ``[NB, BS_P2]``: ``|v| = |x| * multiplier(byte)`` (with the rule's FTZ);
+    - ``q`` float32: ``a`` rounded onto the E2M1 magnitudes by the rule's ties, saturated at 6 (the
       magnitude of the element's code);
     - ``fake`` float32: the fake-quantized element in the weight's dtype (``KIND``), i.e.
-      ``sign(x) * q * 2**(byte - 127)`` rounded to that dtype, as ``fake_quantize`` writes it.
+      ``sign(x) * q * 2**(byte - 127)`` rounded to that dtype, as ``fake_quantize`` writes it
+      (exact in float32 or +inf past its range, exact in bf16; fp16 rounds it, IEEE RNE).
     """
     mag = bits & 0x7FFFFFFF
-    # a. amax on magnitude bits (monotone for non-negative floats; NaN sorts above inf).
-    amax_bits = tl.max(mag, axis=1)
-    # b. p = amax * RN(1/6): one IEEE float32 multiply.
-    rcp6 = tl.full(amax_bits.shape, RCP_SIX_BITS, tl.int32).to(tl.float32, bitcast=True)
-    p_bits = (amax_bits.to(tl.float32, bitcast=True) * rcp6).to(tl.int32, bitcast=True)
-    # c. byte = ceil(log2 p) + 127 from the exponent field, satfinite 254; subnormal/zero p -> 0.
-    p_exp = (p_bits >> 23) & 0xFF
-    byte = p_exp + ((p_bits & 0x7FFFFF) != 0).to(tl.int32)
-    byte = tl.where(p_exp == 0, 0, tl.minimum(byte, 254))
-    # d. a = |x| * 2**(127 - byte), exact (FTZ on x); RNE onto the grid by adding M = 1.5 * 2**(E+22)
-    # (its ulp is the grid step of a's binade); saturate at 6. The fake value is exact in float32
-    # (or +inf past its range) and exact in bf16; fp16 rounds it (IEEE RNE, like Tensor.to).
-    inv = tl.where((byte > 0) & (byte < 254), (254 - byte) << 23, 0).to(tl.float32, bitcast=True)
-    scale = (byte << 23).to(tl.float32, bitcast=True)
-    a = mag.to(tl.float32, bitcast=True) * inv[:, None]
-    a = tl.where(mag < 0x00800000, 0.0, a)
-    a_exp = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23), 129 << 23)
-    magic = (a_exp + ((22 << 23) | 0x00400000)).to(tl.float32, bitcast=True)
-    q = tl.minimum((a + magic) - magic, 6.0)
-    fake = ((q * scale[:, None]).to(tl.int32, bitcast=True) | (bits & SIGN32)).to(tl.float32, bitcast=True)
+    amax_bits = tl.max(mag, axis=1)  # NaN bits sort above inf
+    byte = scale_byte(amax_bits, 0, SCALE, FTZ)
+    a = scaled_magnitude(mag, byte, SCALE, FTZ)
+    q = round_magnitude(a, 0, TIES)
+    fake = fake_value_bits(q, byte, bits & SIGN32).to(tl.float32, bitcast=True)
     if KIND == 1:
         fake = fake.to(tl.float16).to(tl.float32)
     return byte, amax_bits, a, q, fake
@@ -108,8 +83,9 @@ def quantize_tile(bits, KIND: tl.constexpr):
 
 @triton.jit
 def is_tie(a, q):
-    """``a`` (``|v|``, rounded to ``q``) sits exactly on an E2M1 decision point: its distance to
-    ``q`` is half the grid step of its binade (see ``HALF_STEP_OFFSET``). ``a - q`` is exact."""
+    """``a`` (``|v|``, rounded to its nearest E2M1 magnitude ``q`` by any tie rule) sits exactly on
+    an E2M1 decision point: its distance to ``q`` is half the grid step of its binade (see
+    ``HALF_STEP_OFFSET``). ``a - q`` is exact."""
     a_exp = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23), 129 << 23)
     dist = (a - q).to(tl.int32, bitcast=True) & 0x7FFFFFFF
     return dist == a_exp - HALF_STEP_OFFSET
@@ -126,8 +102,12 @@ def stats_kernel(
     BS_P2: tl.constexpr,
     NB: tl.constexpr,
     IN_ALIGN: tl.constexpr,
+    ELEM: tl.constexpr,
+    SCALE: tl.constexpr,
+    TIES: tl.constexpr,
+    FTZ: tl.constexpr,
 ):
-    """Statistics of the experts of one module, grid ``(C, n_experts)``.
+    """Statistics of the experts of one module under an E2M1 rule (``ELEM == 0``), grid ``(C, n_experts)``.
 
     ``table_ptr`` (int64 ``[n_experts, 2]``): per expert, the element offset of its first element
     from ``base_ptr`` (a multiple of ``IN_ALIGN``) and its number of blocks. A tile is ``NB``
@@ -138,6 +118,7 @@ def stats_kernel(
     caller): ``[0, 7)`` the counters (``N_COUNTERS``, in ``COUNT_FIELDS`` order), ``[7, 263)`` the scale-byte histogram
     of finite blocks, ``263 + e`` expert ``e``'s non-finite blocks.
     """
+    tl.static_assert(ELEM == 0, "the statistics are defined for E2M1 weight rules")
     c = tl.program_id(0).to(tl.int64)
     n_prog = tl.num_programs(0).to(tl.int64)
     e = tl.program_id(1).to(tl.int64)
@@ -171,7 +152,7 @@ def stats_kernel(
             mask = mask & col_ok
         x = tl.load(base_ptr + start + offs, mask=mask, other=0)
         bits = float32_bits(x, KIND)
-        byte, amax_bits, a, q, fake = quantize_tile(bits, KIND)
+        byte, amax_bits, a, q, fake = quantize_tile(bits, KIND, SCALE, TIES, FTZ)
 
         finite = amax_bits < INF_BITS
         ok = finite & row_ok
@@ -184,7 +165,8 @@ def stats_kernel(
         at_max_n += tl.sum((okm & (q == E2M1_MAX)).to(tl.int32), axis=1)
         ties_n += tl.sum((okm & is_tie(a, q)).to(tl.int32), axis=1)
 
-        flushed = ok & (byte == 0)
+        # flushed: the scale alone zeroes the block (byte 0 multiplies by 0 under CEIL; not under EVEN)
+        flushed = ok & (byte == 0) & (SCALE == 0)
         finite_n += ok.to(tl.int32)
         flushed_n += flushed.to(tl.int32)
         flushed_nz_n += (flushed & (amax_bits > 0)).to(tl.int32)

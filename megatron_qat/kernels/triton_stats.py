@@ -1,7 +1,7 @@
 """Host side of the MXFP4 statistics kernel (:mod:`.stats_jit`): the statistics of one module's
-expert weights in ONE launch, no host synchronisation.
+expert weights under one E2M1 weight rule, in ONE launch, no host synchronisation.
 
-:func:`module_stats` ``(xs, block_size)`` -> ``(sums, ints)`` on the tensors' device:
+:func:`module_stats` ``(xs, block_size, rule)`` -> ``(sums, ints)`` on the tensors' device:
 
 - ``sums`` float64 ``[2]``: sum of ``(fake - x)**2`` and of ``x**2`` over the finite blocks;
 - ``ints`` int64 ``[7 + 256 + len(xs)]``: the counters (``megatron_qat.metrics.block_stats.COUNT_FIELDS``
@@ -33,7 +33,9 @@ import torch
 import triton
 
 from ..numerics.format import INT_VIEW_DTYPES
+from ..numerics.rules import FLASHINFER_MXFP4, Rule
 from . import qdq_jit, stats_jit
+from .triton_qdq import rule_constexprs
 
 ELEMS_PER_TILE = 4096  # elements per tile (NB blocks); 8 KiB of bf16 per load
 PROGRAMS_PER_SM = 4  # persistent-style grid: 32 resident warps per SM keep tiles in flight
@@ -143,11 +145,13 @@ class StatsTableSlot:
         return new
 
 
-def module_stats(xs, block_size: int, *, tables: StatsTableSlot | None = None, elems_per_tile: int | None = None,
-                 programs: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Statistics of the tensors ``xs`` in one launch; see the module docstring. ``tables``: the
-    caller's slot for this list (else a table for this call only). ``elems_per_tile``, ``programs``
-    (programs in all) and ``num_warps`` override the launch heuristic (benchmarks, tests)."""
+def module_stats(xs, block_size: int, rule: Rule = FLASHINFER_MXFP4, *, tables: StatsTableSlot | None = None,
+                 elems_per_tile: int | None = None, programs: int | None = None,
+                 num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics of the tensors ``xs`` under ``rule`` (an E2M1 rule: the kernel refuses others at
+    compile time) in one launch; see the module docstring. ``tables``: the caller's slot for this list (else a table for this call only).
+    ``elems_per_tile``, ``programs`` (programs in all) and ``num_warps`` override the launch
+    heuristic (benchmarks, tests)."""
     dev = xs[0].device
     max_blocks = max(t.numel() for t in xs) // block_size
     if max_blocks == 0:
@@ -162,6 +166,6 @@ def module_stats(xs, block_size: int, *, tables: StatsTableSlot | None = None, e
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         stats_jit.stats_kernel[st.grid](
             base, st.table, partial, ints, KIND=_KIND[xs[0].dtype], BS=block_size, BS_P2=bs_p2, NB=nb,
-            IN_ALIGN=st.align, num_warps=num_warps or NUM_WARPS,
+            IN_ALIGN=st.align, num_warps=num_warps or NUM_WARPS, **rule_constexprs(rule),
         )  # fmt: skip
     return partial.sum(dim=0), ints

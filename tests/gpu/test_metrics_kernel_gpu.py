@@ -16,10 +16,12 @@ pytest.importorskip("triton", reason="the triton extra is not installed (pip ins
 
 from megatron_qat.metrics import block_stats  # noqa: E402
 from megatron_qat.numerics import families  # noqa: E402
+from megatron_qat.numerics.rules import FLASHINFER_MXFP4, TIES_DOWN_MXFP4, VLLM_ONLINE_MXFP4  # noqa: E402
 
 # per-rank [experts, out, in] of benchmarks/bench_qdq.py (Qwen3-30B-A3B fc1 at EP=8, DeepSeek-V3 fc2 at EP=32)
 SHAPES = [(16, 1536, 2048), (8, 7168, 2048)]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+RULES = (FLASHINFER_MXFP4, VLLM_ONLINE_MXFP4, TIES_DOWN_MXFP4)
 
 
 def _experts(shape, dtype, seed=0):
@@ -58,10 +60,12 @@ def test_kernel_equals_the_torch_pass_at_real_shapes(shape, dtype):
     assert all(v < float("inf") for v in ker.sums.tolist())
 
 
+@pytest.mark.parametrize("rule", RULES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernel_equals_the_torch_pass_on_every_family(dtype):
+def test_kernel_equals_the_torch_pass_on_every_family(dtype, rule):
     ws = _adversarial_experts(dtype)
-    _assert_same(block_stats.measure(ws, 32, impl="triton"), block_stats.measure(ws, 32, impl="reference"))
+    ker = block_stats.measure(ws, 32, rule=rule, impl="triton")
+    _assert_same(ker, block_stats.measure(ws, 32, rule=rule, impl="reference"))
 
 
 def test_sums_are_deterministic_run_to_run():

@@ -212,3 +212,16 @@ def test_forced_kernel_that_cannot_run_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="MEGATRON_QAT_KERNEL=triton was requested.*TRITON_INTERPRET=1"):
         block_stats.measure([torch.zeros(4, 64)], 32)
+
+
+def test_parameters_and_non_contiguous_views_are_measured_as_their_values():
+    """A Parameter (requires_grad, as the hook passes the master weights) is read in place; a
+    non-contiguous view is copied first. Both give the statistics of their values."""
+    x = families.make("random_1", (8, 128), torch.bfloat16, seed=9).to(DEVICE)
+    param = torch.nn.Parameter(x.clone())
+    view = torch.stack([x, -x], dim=-1)[..., 0]  # the same values, column stride 2
+    want = block_stats.measure([x], 32, impl="triton")
+    for got in (block_stats.measure([param], 32, impl="triton"), block_stats.measure([view], 32, impl="triton")):
+        assert torch.equal(got.counts, want.counts) and torch.equal(got.scale_hist, want.scale_hist)
+        assert torch.equal(got.sums.view(torch.int64), want.sums.view(torch.int64))
+        assert not got.sums.requires_grad

@@ -95,7 +95,9 @@ def build_stats_table(xs, block_size: int, nb: int, programs: int | None) -> Sta
     if _capturing(xs[0]):
         raise RuntimeError(CAPTURE_ERROR.format(n=len(xs)))
     if len(xs) > MAX_EXPERTS:
-        raise ValueError(f"megatron_qat metrics: {len(xs)} expert weights in one module; the launch takes at most {MAX_EXPERTS}")
+        raise ValueError(
+            f"megatron_qat metrics: {len(xs)} expert weights in one module; the launch takes at most {MAX_EXPERTS}"
+        )
     key = _table_key(xs, block_size, nb, programs)
     ptrs, numels = key[5], key[6]
     esize = xs[0].element_size()
@@ -105,7 +107,9 @@ def build_stats_table(xs, block_size: int, nb: int, programs: int | None) -> Sta
     rows = []
     for p, n in zip(ptrs, numels):
         if n and (p - base) % esize:
-            raise ValueError(f"megatron_qat metrics: tensor at {p:#x} is not {esize}-byte aligned with the one at {base:#x}")
+            raise ValueError(
+                f"megatron_qat metrics: tensor at {p:#x} is not {esize}-byte aligned with the one at {base:#x}"
+            )
         rows.append(((p - base) // esize if n else 0, n // block_size))
     aligned = all(ptrs[i] % 16 == 0 for i in live) and (nb * block_size * esize) % 16 == 0
     align = max(1, 16 // esize) if aligned else 1
@@ -149,7 +153,8 @@ def module_stats(xs, block_size: int, rule: Rule = FLASHINFER_MXFP4, *, tables: 
                  elems_per_tile: int | None = None, programs: int | None = None,
                  num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of the tensors ``xs`` under ``rule`` (an E2M1 rule: the kernel refuses others at
-    compile time) in one launch; see the module docstring. ``tables``: the caller's slot for this list (else a table for this call only).
+    compile time) in one launch; see the module docstring. ``tables``: the caller's slot for this
+    list (else a table for this call only).
     ``elems_per_tile``, ``programs`` (programs in all) and ``num_warps`` override the launch
     heuristic (benchmarks, tests)."""
     dev = xs[0].device
@@ -159,7 +164,10 @@ def module_stats(xs, block_size: int, rule: Rule = FLASHINFER_MXFP4, *, tables: 
         return torch.zeros(2, dtype=torch.float64, device=dev), ints
     nb, bs_p2 = tile_config(max_blocks, block_size, elems_per_tile)
     # the table first: a rebuild refused during a capture raises before anything is enqueued
-    st = tables.get(xs, block_size, nb, programs) if tables is not None else build_stats_table(xs, block_size, nb, programs)
+    if tables is not None:
+        st = tables.get(xs, block_size, nb, programs)
+    else:
+        st = build_stats_table(xs, block_size, nb, programs)
     ints = torch.zeros(N_INTS_BEFORE_EXPERTS + len(xs), dtype=torch.int64, device=dev)
     partial = torch.empty((st.grid[0] * st.grid[1], 2), dtype=torch.float64, device=dev)
     base = _load_view(xs[st.base_index])

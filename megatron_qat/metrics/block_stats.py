@@ -210,7 +210,8 @@ class GroupedStats:
         return _measure(weights, self.block_size, expert_ids, self.rule, self.impl, self)
 
 
-def _measure(weights, block_size: int, expert_ids, rule: Rule, impl: str | None, owner: GroupedStats | None) -> LocalStats:
+def _measure(weights, block_size: int, expert_ids, rule: Rule, impl: str | None,
+             owner: GroupedStats | None) -> LocalStats:  # fmt: skip
     experts = split_experts(list(weights))
     if not experts:
         raise ValueError("megatron_qat.metrics: no weights to measure")
@@ -239,7 +240,7 @@ def _measure_triton(experts, block_size: int, ids, rule: Rule, owner: GroupedSta
                 f"megatron_qat.metrics: expert weight {i} is {w.dtype} on {w.device} but expert weight 0 is "
                 f"{first.dtype} on {first.device}; one module's experts share one dtype and device"
             )
-    xs = [w.detach().contiguous() for w in experts]
+    xs = [w if w.is_contiguous() else w.detach().contiguous() for w in experts]  # the kernel only reads
     sums, ints = triton_stats.module_stats(xs, block_size, rule, tables=owner._slot() if owner is not None else None)
     n_counts = len(COUNT_FIELDS)
     hist_end = n_counts + SCALE_BINS

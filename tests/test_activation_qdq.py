@@ -202,3 +202,51 @@ def test_compiled_launch_refuses_other_tritons_and_other_kernels(monkeypatch):
         prepared.CompiledLaunch(broken, ["a", "b", "N"])
     with pytest.raises(prepared.PreparedLaunchError, match="missing"):
         prepared.CompiledLaunch(None, ["a"])  # the interpreter returns no compiled kernel
+
+
+def test_activation_launches_reuse_one_compiled_kernel_per_key(monkeypatch):
+    """The activation's prepared launch logic with a stand-in compiled kernel (CPU tensors): the first
+    call of a key compiles through Triton's ordinary path, later calls of any token count launch the
+    handle with the kernel's full argument list, and an unaligned input goes the ordinary way."""
+    triton = pytest.importorskip("triton", reason="the triton extra is not installed")
+    from megatron_qat.kernels import prepared, qdq_jit
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    ordinary, fakes = [], []
+
+    class _Jit:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                ordinary.append((grid, args[4], kwargs))
+                fake = _FakeCompiled()
+                fake.src.fn = type("fn", (), {"arg_names": list(prepared._SINGLE_ARGS)})
+                fakes.append(fake)
+                return fake
+
+            return run
+
+    monkeypatch.setattr(qdq_jit, "qdq_single_kernel", _Jit())
+    monkeypatch.setattr(prepared, "_raw_stream", lambda index: 7)
+    launches = prepared.ActivationLaunches()
+    rule = mxfp4.FLASHINFER_MXFP8
+    base = torch.zeros(4096 * 64 + 8, dtype=torch.bfloat16)
+    aligned = base[: 4096 * 64].view(4096, 64)
+    launches.launch(aligned, torch.empty_like(aligned), 32, rule)
+    assert len(ordinary) == 1 and ordinary[0][0] == (64,) and ordinary[0][1] == 8192
+    for tokens in (4096, 4093, 17):
+        x = base[: tokens * 64].view(tokens, 64)
+        out = torch.empty_like(x)
+        launches.launch(x, out, 32, rule)
+    key = (None, torch.bfloat16, "flashinfer-mxfp8", 32, 128)
+    assert list(launches.handles) == [key, (None, torch.bfloat16, "flashinfer-mxfp8", 32, 64)]
+    calls = fakes[0].calls
+    # (grid0, 1, 1, stream, function, packed_metadata, None x3, x, out, codes=x, scales=x, n_blocks, constexprs...)
+    assert [c[0] for c in calls] == [64, 64] and [c[13] for c in calls] == [4096 * 2, 4093 * 2]
+    assert calls[0][1:9] == (1, 1, 7, 1234, (4, 1, 0), None, None, None)
+    assert calls[0][9] == calls[0][11] == calls[0][12] != calls[0][10]
+    assert calls[0][14:] == (0, 32, 32, 128, True, False, 1, 0, 0, False)  # KIND..FTZ (ignored by the launcher)
+    unaligned = base[1 : 1 + 4096 * 64].view(4096, 64)
+    assert unaligned.data_ptr() % 16
+    n_ordinary = len(ordinary)
+    launches.launch(unaligned, torch.empty_like(unaligned), 32, rule)
+    assert len(ordinary) == n_ordinary + 1 and len(fakes[0].calls) == 2

@@ -10,6 +10,7 @@ CPU saturates finite values and +-inf to +-448 (older torch returned NaN from 46
 before ``cvt.rn.satfinite`` (so all of these give 448 there, and NaN gives +448).
 """
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -175,7 +176,6 @@ def test_e4m3_rounding_equals_torch_cast_on_every_bf16_up_to_448():
 
 
 def test_e4m3_rounding_equals_ml_dtypes_on_every_bf16_and_random_fp32_up_to_448():
-    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed")
     g = torch.Generator().manual_seed(0)
     v = torch.cat([_every_bf16_in(0.0, 448.0), (torch.rand(200_000, generator=g) * 2 - 1) * torch.exp2(torch.randint(-14, 9, (200_000,), generator=g).float())])
     v = v[v.abs() <= 448.0]

@@ -58,7 +58,7 @@ def test_recipes():
     assert pairs == {
         "flashinfer-w4a16": (FLASHINFER_MXFP4, None),
         "flashinfer-trtllm-w4a8": (FLASHINFER_MXFP4, FLASHINFER_MXFP8),
-        "vllm-online-w4a4": (VLLM_ONLINE_MXFP4, FLASHINFER_MXFP4),
+        "vllm-online-w4a4": (VLLM_ONLINE_MXFP4, VLLM_ONLINE_MXFP4),  # docs/engines.md: vLLM's W4A4 activations use EVEN
         "vllm-online-w4a16": (VLLM_ONLINE_MXFP4, None),
         "modelopt-w4a16": (TIES_DOWN_MXFP4, None),
     }

@@ -56,8 +56,13 @@ class PreparedLaunchError(RuntimeError):
     """The installed Triton does not provide the compiled-kernel launch this module was written for."""
 
 
+# Triton's interpreter is chosen before this package is imported (TRITON_INTERPRET=1), so it is read
+# once here rather than on every launch (triton.knobs reads the environment on each access).
+_INTERPRETING = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+
+
 def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+    return _INTERPRETING
 
 
 def _raw_stream(device_index: int) -> int:
@@ -125,14 +130,17 @@ class PreparedGroup:
                  "fast", "fast_args", "slow_args")  # fmt: skip
 
     def matches(self, xs) -> bool:
-        return (
-            len(xs) == self.n
-            and tuple(map(_DATA_PTR, xs)) == self.ptrs
-            and tuple(map(_SHAPE, xs)) == self.shapes
-            and tuple(map(_DTYPE, xs)) == self.dtypes
-            and all(map(_IS_CONTIGUOUS, xs))
-            and xs[0].device == self.device
-        )
+        try:
+            return (
+                len(xs) == self.n
+                and tuple(map(_DATA_PTR, xs)) == self.ptrs
+                and tuple(map(_SHAPE, xs)) == self.shapes
+                and tuple(map(_DTYPE, xs)) == self.dtypes
+                and all(map(_IS_CONTIGUOUS, xs))
+                and xs[0].device == self.device
+            )
+        except TypeError:  # not a tensor: the validating path names it
+            return False
 
     def __call__(self) -> list[torch.Tensor]:
         out = torch.empty(self.total, dtype=self.dtype, device=self.device)
@@ -195,13 +203,17 @@ class ActivationLaunches:
 
     def __init__(self):
         self.handles: dict[tuple, tuple[CompiledLaunch, tuple]] = {}
+        self._tiles: dict[int, tuple[int, int]] = {}  # block size -> (NB, BS_P2) of a full-size tensor
 
     def launch(self, x: torch.Tensor, out: torch.Tensor, block_size: int, rule: Rule) -> None:
         n_blocks = x.numel() // block_size
-        nb, bs_p2 = triton_qdq.launch_config(n_blocks, block_size)
+        tile = self._tiles.get(block_size)
+        if tile is None:
+            tile = self._tiles[block_size] = triton_qdq.launch_config(2**62, block_size)
+        nb, bs_p2 = tile if n_blocks >= tile[0] else triton_qdq.launch_config(n_blocks, block_size)
         grid = -(-n_blocks // nb)
         xp, op = x.data_ptr(), out.data_ptr()
-        key = (x.device.index, x.dtype, rule, block_size, nb)
+        key = (x.device.index, x.dtype, rule.name, block_size, nb)
         entry = self.handles.get(key)
         if entry is not None and not (xp % 16 or op % 16) and n_blocks <= _I32_MAX:
             run, constexprs = entry

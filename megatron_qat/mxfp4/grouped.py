@@ -52,7 +52,7 @@ class GroupedFakeQuantizer:
 
             return fake_quantize_many(xs, self.block_size, impl=self.impl, rule=self.rule)
         prepared = self._prepared
-        if prepared is not None and type(xs) is list and prepared.matches(xs):
+        if prepared is not None and type(xs) in (list, tuple) and prepared.matches(xs):
             return prepared()
         return self._prepare_and_run(xs)
 

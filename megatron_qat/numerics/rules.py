@@ -136,8 +136,9 @@ FLASHINFER_MXFP4 = Rule(
         "csrc/nv_internal/tensorrt_llm/kernels/quantization_utils.cuh, JIT-built with -use_fast_math"
     ),
 )
-"""FlashInfer's MXFP4 quantizer (the default weight rule; also the W4A4 activation rule,
-since vLLM's ``mxfp4_experts_quant`` calls the same ``cvt_warp_fp16_to_fp4<UE8M0_SF=true>``).
+"""FlashInfer's MXFP4 quantizer (the default weight rule). Not vLLM's W4A4 activation rule:
+vLLM's ``mxfp4_experts_quant`` calls vLLM's own copy of ``cvt_warp_fp16_to_fp4<UE8M0_SF=true>``,
+which uses the EVEN scale (docs/engines.md).
 
 Per block: ``p = amax * RN(1/6)`` (``rcp.approx.ftz(6)`` = 0x3E2AAAAB, measured on sm_90), one
 float32 multiply with FTZ: ``p < 2**-126`` gives byte 0. ``byte = ceil(log2 p) + 127`` saturated
@@ -282,9 +283,13 @@ RECIPES = {
         Recipe(
             "vllm-online-w4a4",
             VLLM_ONLINE_MXFP4,
-            FLASHINFER_MXFP4,
+            # vLLM's mxfp4_experts_quant uses vLLM's own cvt_warp_fp16_to_fp4 copy with the EVEN scale
+            # (docs/engines.md, "Is vLLM's W4A4 activation rule established?"), not FlashInfer's CEIL:
+            # VLLM_ONLINE_MXFP4 equals it except byte-0 blocks (amax < ~1.75 * 2**-125: vLLM's
+            # activation path writes zero codes) and amax >= 1.75 * 2**127 (byte 253 there, 254 here).
+            VLLM_ONLINE_MXFP4,
             "vLLM 0.33 --quantization mxfp4 on a BF16 checkpoint, SM100: weights re-quantized by its Triton "
-            "downcast_to_mxfp, CUTLASS_MXFP4_MXFP4 with activations through mxfp4_experts_quant",
+            "downcast_to_mxfp, CUTLASS_MXFP4_MXFP4 with both expert GEMM inputs through mxfp4_experts_quant",
         ),
         Recipe(
             "vllm-online-w4a16",

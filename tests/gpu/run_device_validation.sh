@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check behind docs/validation.md, on the lent GPU, after shared/device/README.md's setup.
 #   bash tests/gpu/run_device_validation.sh checks   # tests, Megatron validation, parity refusals
-#   bash tests/gpu/run_device_validation.sh bench    # benchmarks/bench_qdq.py (BENCH_ARGS=--sweep adds tile sizes)
+#   bash tests/gpu/run_device_validation.sh bench    # benchmarks/bench_qdq.py (BENCH_ARGS=--quick for a smoke run)
 #   bash tests/gpu/run_device_validation.sh kernel   # Triton GPU tests, then the benchmark (no TE needed)
 #   bash tests/gpu/run_device_validation.sh new      # the GPU tests of issues 8-11 (cache, CUDA graph, export, metrics)
 #   bash tests/gpu/run_device_validation.sh step     # benchmarks/bench_step.py -> $OUT/step.md (issues 9 and 11)

@@ -243,7 +243,7 @@ class Runtime:
         weights = list(weights)
         recorder = self.recorder
         if recorder is not None and recorder.due():
-            recorder.observe(module, weights, self.block_size)
+            recorder.observe(module, weights, self.block_size, rule=self.recipe.weights)
         fakes = state.fake_weights(module, weights, self._guard)
         if self._built_layers:
             self._announce_model(fakes)

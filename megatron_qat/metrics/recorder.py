@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 
 from . import megatron_env, sinks
-from .block_stats import LocalStats, measure, split_experts
+from ..numerics.rules import FLASHINFER_MXFP4, Rule
+from .block_stats import GroupedStats, LocalStats, split_experts
 from .labels import Labeller, expert_ids
 from .reduction import reduce, reduction_group, scalars
 
@@ -65,6 +66,7 @@ class Recorder:
         self.last_step: int | None = None
         self._warned: set[tuple[str, int]] = set()
         self._clock_optimizer = None
+        self._stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its GroupedStats
 
     # -- clock ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,7 +130,10 @@ class Recorder:
         return self.is_due
 
     # -- measuring -----------------------------------------------------------------------------
-    def observe(self, module, master_weights, block_size: int, label: str | None = None) -> None:
+    def observe(self, module, master_weights, block_size: int, label: str | None = None,
+                rule: Rule = FLASHINFER_MXFP4) -> None:
+        """Measure ``module``'s master weights under the weight ``rule`` once in a logging step (its
+        :class:`GroupedStats` keeps the statistics kernel's launch state across steps)."""
         if not self.is_due or id(module) in self._observed:
             return
         weights = list(master_weights)
@@ -141,7 +146,10 @@ class Recorder:
             self.pending, self.pending_step = {}, self.step  # a logging step that never ended: dropped
         name = self._labeller.label_of(module, label)
         ids = expert_ids(module, len(split_experts(weights)))
-        stats = measure(weights, block_size, ids)
+        grouped = self._stats.get(module)
+        if grouped is None or grouped.block_size != block_size or grouped.rule != rule:
+            grouped = self._stats[module] = GroupedStats(block_size, rule=rule)
+        stats = grouped(weights, ids)
         previous = self.pending.get(name)
         self.pending[name] = stats if previous is None else previous.merged(stats)
 

@@ -59,18 +59,18 @@ def test_moe_layer_training_writes_the_scalars_to_tensorboard(megatron_writer, m
 
     writer, logdir = megatron_writer
     passes = []
-    real_measure = recorder.measure
+    real_measure = recorder.GroupedStats.__call__
 
-    def measure_without_sync(*args, **kwargs):
+    def measure_without_sync(self, *args, **kwargs):
         passes.append(1)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return real_measure(*args, **kwargs)
+            return real_measure(self, *args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(recorder, "measure", measure_without_sync)
+    monkeypatch.setattr(recorder.GroupedStats, "__call__", measure_without_sync)
     H.init_single_gpu()
     megatron_qat.enable(32)
     try:

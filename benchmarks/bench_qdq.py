@@ -10,7 +10,7 @@ Weight implementations (FLASHINFER_MXFP4 unless the row names another rule): ``e
 of separately allocated expert weights through one warmed-up ``GroupedFakeQuantizer``, the hook's
 path: prepared launch), ``triton-grouped-graph`` (the alternative: the quantizer's launch captured
 once in a CUDA graph and replayed; the outputs are then the graph's fixed buffers), ``copy``.
-Activation implementations: ``activation`` (``mxfp4.fake_quantize_activation``, prepared launch) and
+Activation implementations: ``activation`` (``mxfp4.ActivationFakeQuantizer``, prepared launch) and
 ``copy``.
 
 Every implementation is checked bit for bit against the reference (integer views) BEFORE it is
@@ -228,7 +228,8 @@ def bench_activation(shape, dtype, repeats) -> list[dict]:
         rule = mxfp4.RULES[rule_name]
         ref = [fake_quantize_reference(xs[0], rule=rule)]
         row = _row("activation", what, "-", f"[{tokens}, {k}]", rule_name, "activation", nbytes)
-        rows.append(_time_row(row, lambda x, rule=rule: mxfp4.fake_quantize_activation(x, rule), xs, lambda o: [o], ref, repeats))
+        quantizer = mxfp4.ActivationFakeQuantizer(rule)  # what the runtime keeps per module (prepared launches)
+        rows.append(_time_row(row, quantizer, xs, lambda o: [o], ref, repeats))
     rows.append(_time_row(_row("activation", what, "-", f"[{tokens}, {k}]", "-", "copy", nbytes),
                           lambda x: dst.copy_(x), xs, None, None, repeats))  # fmt: skip
     _ratios(rows)

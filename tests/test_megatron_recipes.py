@@ -111,8 +111,8 @@ def test_forward_and_gradients_equal_the_reference(te_ext, name, fuse):
 @pytest.mark.parametrize("name", ACTIVATION_RECIPES)
 def test_activations_are_quantized_on_every_call_never_cached(te_ext, name, monkeypatch):
     calls = []
-    real = mxfp4.fake_quantize_activation
-    monkeypatch.setattr(mxfp4, "fake_quantize_activation", lambda x, *a, **k: calls.append(x) or real(x, *a, **k))
+    real = mxfp4.ActivationFakeQuantizer.__call__
+    monkeypatch.setattr(mxfp4.ActivationFakeQuantizer, "__call__", lambda self, x: calls.append(x) or real(self, x))
     layer = te_ext.TEGroupedLinear(N, K, OUT)
     mm.enable(32, recipe=name)
     outs = [layer(_x(seed), SPLITS) for seed in (1, 2, 1)]
@@ -121,7 +121,7 @@ def test_activations_are_quantized_on_every_call_never_cached(te_ext, name, monk
 
 
 def test_default_recipe_leaves_the_input_alone(te_ext, monkeypatch):
-    monkeypatch.setattr(mxfp4, "fake_quantize_activation", lambda *a, **k: pytest.fail("quantized an activation"))
+    monkeypatch.setattr(mxfp4.ActivationFakeQuantizer, "__call__", lambda *a, **k: pytest.fail("quantized an activation"))
     layer = te_ext.TEGroupedLinear(N, K, OUT)
     mm.enable(32)
     assert mm.current().recipe.name == DEFAULT_RECIPE

@@ -196,10 +196,11 @@ def prepare_group(xs: list[torch.Tensor], block_size: int, rule: Rule, slot) -> 
 
 
 class ActivationLaunches:
-    """The compiled single-tensor kernel of each (device, dtype, rule, block size, tile) seen by
-    :func:`fake_quantize_activation`: one :class:`CompiledLaunch` per compiled specialisation, the
-    same set Triton's own kernel cache holds (bounded by the combinations used, a handful); the
-    first call of a combination compiles through Triton's ordinary path."""
+    """The compiled single-tensor kernel of each (device, dtype, rule, block size, tile) one caller
+    has launched: one :class:`CompiledLaunch` per compiled specialisation (bounded by the
+    combinations used, a handful); the first call of a combination compiles through Triton's
+    ordinary path. Owned by the caller (a :class:`megatron_qat.mxfp4.ActivationFakeQuantizer`, one
+    per patched module): nothing global."""
 
     def __init__(self):
         self.handles: dict[tuple, tuple[CompiledLaunch, tuple]] = {}
@@ -228,16 +229,15 @@ class ActivationLaunches:
             self.handles[key] = (CompiledLaunch(compiled, _SINGLE_ARGS), _constexpr_values(_SINGLE_ARGS, constexprs))
 
 
-_ACTIVATION_LAUNCHES = ActivationLaunches()
-
-
-def fake_quantize_activation(x: torch.Tensor, rule: Rule, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+def fake_quantize_activation(x: torch.Tensor, rule: Rule, block_size: int = DEFAULT_BLOCK_SIZE,
+                             launches: ActivationLaunches | None = None) -> torch.Tensor:
     """Fake-quantize an activation ``x [..., K]`` (bf16/fp16/fp32, CUDA or, in the interpreter, CPU)
     under ``rule``: a new contiguous tensor of ``x``'s shape and dtype. A non-contiguous ``x`` is
-    copied first (one extra pass). On CUDA, from the second call of a (device, dtype, rule, block
-    size, tile) on, the launch skips Triton's argument binding (:class:`ActivationLaunches`).
-    Validation is the caller's (:func:`megatron_qat.mxfp4.fake_quantize_activation`)."""
-    if x.device.type != "cuda" or _interpreting():  # CPU tensors in Triton's interpreter: the ordinary launch
+    copied first (one extra pass). With the caller's ``launches`` on CUDA, from the second call of a
+    (device, dtype, rule, block size, tile) on, the launch skips Triton's argument binding; without
+    it every call takes Triton's ordinary launch. Validation is the caller's
+    (:func:`megatron_qat.mxfp4.fake_quantize_activation`)."""
+    if launches is None or x.device.type != "cuda" or _interpreting():  # Triton's ordinary launch
         return triton_qdq.fake_quantize(x, block_size, rule=rule)
     if not x.is_contiguous():
         x = x.contiguous()
@@ -245,7 +245,7 @@ def fake_quantize_activation(x: torch.Tensor, rule: Rule, block_size: int = DEFA
     if x.numel():
         if torch.cuda.current_device() != x.device.index:
             with torch.cuda.device(x.device):
-                _ACTIVATION_LAUNCHES.launch(x, out, block_size, rule)
+                launches.launch(x, out, block_size, rule)
         else:
-            _ACTIVATION_LAUNCHES.launch(x, out, block_size, rule)
+            launches.launch(x, out, block_size, rule)
     return out

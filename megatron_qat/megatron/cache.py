@@ -147,20 +147,23 @@ def _drop_on_load(module, incompatible_keys) -> None:
 
 
 class ModuleState:
-    """One patched module's quantizer, recorded ``is_first_microbatch`` flag and cached copy.
+    """One patched module's quantizers, recorded ``is_first_microbatch`` flag and cached copy.
 
-    ``quantizer`` is the module's own :class:`megatron_qat.mxfp4.GroupedFakeQuantizer` (its kernel
-    launch is prepared once per weight set). A deep copy or pickle of the module starts without a
-    state (its weights are new objects).
+    ``quantizer`` is the module's own :class:`megatron_qat.mxfp4.GroupedFakeQuantizer` of the weights
+    (its kernel launch is prepared once per weight set); ``activations`` its
+    :class:`megatron_qat.mxfp4.ActivationFakeQuantizer` of the GEMM input under an activation recipe
+    (run on every call, never cached). A deep copy or pickle of the module starts without a state
+    (its weights are new objects).
     """
 
-    __slots__ = ("clock", "module_ref", "quantizer", "flag", "load_hook", "guarded", "epoch", "masters",
-                 "versions", "ptrs", "grads", "plain", "connected", "requires_grad", "fuse", "__weakref__")
+    __slots__ = ("clock", "module_ref", "quantizer", "activations", "flag", "load_hook", "guarded", "epoch",
+                 "masters", "versions", "ptrs", "grads", "plain", "connected", "requires_grad", "fuse", "__weakref__")
 
-    def __init__(self, clock: CacheClock, module, quantizer):
+    def __init__(self, clock: CacheClock, module, quantizer, activations=None):
         self.clock = clock
         self.module_ref = weakref.ref(module)
         self.quantizer = quantizer
+        self.activations = activations  # the module's mxfp4.ActivationFakeQuantizer, or None (BF16 activations)
         self.flag = None
         self.guarded = None  # (ids, pointers) of the weight set the guards last accepted
         self.load_hook = module.register_load_state_dict_post_hook(_drop_on_load)

@@ -280,20 +280,20 @@ class Runtime:
             flag = args[index - 1]
         else:
             flag = default
-        rule = self.recipe.activations
-        if rule is not None:
+        state = module.__dict__.get(STATE_ATTR)
+        if state is None or state.clock is not self.clock:
+            state = self._adopt(module)
+        quantize = state.activations
+        if quantize is not None:
             if args:
-                args = (mxfp4.fake_quantize_activation(args[0], rule, self.block_size), *args[1:])
+                args = (quantize(args[0]), *args[1:])
             elif input_name in kwargs:
-                kwargs = {**kwargs, input_name: mxfp4.fake_quantize_activation(kwargs[input_name], rule, self.block_size)}
+                kwargs = {**kwargs, input_name: quantize(kwargs[input_name])}
             else:
                 raise RuntimeError(
                     f"MXFP4 fake-QAT recipe {self.recipe.name}: {type(module).__name__}.forward was called without "
                     f"its input ({input_name}); cannot quantize the expert activations"
                 )
-        state = module.__dict__.get(STATE_ATTR)
-        if state is None or state.clock is not self.clock:
-            state = self._adopt(module)
         previous, state.flag = state.flag, flag
         try:
             return original(module, *args, **kwargs)
@@ -340,7 +340,11 @@ class Runtime:
             return old
         if old is not None:
             old.remove()
-        state = ModuleState(self.clock, module, mxfp4.GroupedFakeQuantizer(self.block_size, rule=self.recipe.weights))
+        rule = self.recipe.activations
+        name = f"{type(module).__name__}(name={getattr(module, 'name', None)!r}) input"
+        activations = mxfp4.ActivationFakeQuantizer(rule, self.block_size, name=name) if rule is not None else None
+        state = ModuleState(self.clock, module, mxfp4.GroupedFakeQuantizer(self.block_size, rule=self.recipe.weights),
+                            activations)
         module.__dict__[STATE_ATTR] = state  # not nn.Module.__setattr__: no submodule / parameter logic
         self.states.add(state)
         return state

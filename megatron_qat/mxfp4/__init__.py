@@ -14,7 +14,8 @@ per byte, E4M3 codes (``FLASHINFER_MXFP8``) are one byte per element:
 - :func:`fake_quantize_many` / :func:`quantize_many` the same over a list (one launch with the kernel)
 - :class:`GroupedFakeQuantizer` ``fake_quantize_many`` of one module's weights, keeping the
   kernel's prepared launch with the module
-- :func:`fake_quantize_activation` ``(x, rule, block_size)`` the per-micro-batch activation QDQ
+- :func:`fake_quantize_activation` ``(x, rule, block_size)`` the per-micro-batch activation QDQ;
+  :class:`ActivationFakeQuantizer` the same, keeping one module's compiled launches
   (straight-through backward, prepared launch on CUDA)
 
 ``impl`` picks the implementation: ``"reference"`` (vectorised PyTorch, any device) or
@@ -52,7 +53,7 @@ from ..numerics.rules import (
 from . import backends, ops
 from .dispatch import resolve_impl
 from .grouped import GroupedFakeQuantizer
-from .ste import fake_quantize_activation, fake_quantize_ste
+from .ste import ActivationFakeQuantizer, fake_quantize_activation, fake_quantize_ste
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -67,6 +68,7 @@ __all__ = [
     "fake_quantize_many",
     "quantize_many",
     "GroupedFakeQuantizer",
+    "ActivationFakeQuantizer",
     "resolve_impl",
     "e2m1_lut",
     "e8m0_to_float32",

@@ -34,16 +34,18 @@ def fake_quantize(x: torch.Tensor, block_size: int, impl: str | None, rule: Rule
     return fake_quantize_reference(x, block_size, rule=rule)
 
 
-def fake_quantize_activation(x: torch.Tensor, block_size: int, impl: str | None, rule: Rule, name: str = "x") -> torch.Tensor:
+def fake_quantize_activation(x: torch.Tensor, block_size: int, impl: str | None, rule: Rule, name: str = "x",
+                             launches=None) -> torch.Tensor:
     """Validate (rule, block size, ``x [..., K]`` with ``K % block_size == 0``, naming ``name``),
-    then the prepared Triton launch or the reference."""
+    then the Triton kernel (through ``launches``, a caller-owned
+    :class:`megatron_qat.kernels.prepared.ActivationLaunches`, when given) or the reference."""
     check_rule(rule)
     check_block_size(block_size)
     check_input(x, block_size, name)
     if resolve_impl(x, impl) == "triton":
         from ..kernels import prepared
 
-        return prepared.fake_quantize_activation(x, rule, block_size)
+        return prepared.fake_quantize_activation(x, rule, block_size, launches)
     return fake_quantize_reference(x, block_size, rule=rule, name=name)
 
 

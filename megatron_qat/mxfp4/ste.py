@@ -32,12 +32,12 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
 class _FakeQuantizeActivationSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, block_size: int, impl, rule, name):  # type: ignore[override]
-        return backends.fake_quantize_activation(x, block_size, impl, rule, name)
+    def forward(ctx, x: torch.Tensor, block_size: int, impl, rule, name, launches):  # type: ignore[override]
+        return backends.fake_quantize_activation(x, block_size, impl, rule, name, launches)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        return grad_output, None, None, None, None
+        return grad_output, None, None, None, None, None
 
 
 def fake_quantize_ste(
@@ -72,8 +72,32 @@ def fake_quantize_activation(
     it is the custom op ``megatron_qat::fake_quantize_activation``; in eager an
     ``autograd.Function`` (or a plain call when no gradient is needed), without the dispatcher.
     """
+    return _activation(x, rule, block_size, impl, name, None)
+
+
+def _activation(x, rule, block_size, impl, name, launches):
     if torch.compiler.is_compiling():
         return ops.fake_quantize_activation(x, check_rule(rule).name, block_size, impl)
     if getattr(x, "requires_grad", False) and torch.is_grad_enabled():
-        return _FakeQuantizeActivationSTE.apply(x, block_size, impl, rule, name)
-    return backends.fake_quantize_activation(x, block_size, impl, rule, name)
+        return _FakeQuantizeActivationSTE.apply(x, block_size, impl, rule, name, launches)
+    return backends.fake_quantize_activation(x, block_size, impl, rule, name, launches)
+
+
+class ActivationFakeQuantizer:
+    """:func:`fake_quantize_activation` of one module's GEMM input, micro-batch after micro-batch:
+    ``ActivationFakeQuantizer(rule, block_size=32, impl=None, name="x")(x)``, the same bits. One
+    instance per patched module (the fake-QAT runtime keeps it beside the module's weight
+    quantizer): on CUDA it keeps the compiled kernel handles of the shapes it saw
+    (:class:`megatron_qat.kernels.prepared.ActivationLaunches`), so a call after the first skips
+    Triton's argument binding; the state dies with the module."""
+
+    def __init__(self, rule: Rule, block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None, name: str = "x"):
+        self.rule, self.block_size, self.impl, self.name = check_rule(rule), block_size, impl, name
+        self.launches = None  # created at the first call that runs the Triton kernel on CUDA
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.launches is None and getattr(x, "is_cuda", False):
+            from ..kernels.prepared import ActivationLaunches
+
+            self.launches = ActivationLaunches()
+        return _activation(x, self.rule, self.block_size, self.impl, self.name, self.launches)

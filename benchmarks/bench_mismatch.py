@@ -61,6 +61,7 @@ import argparse
 import contextlib
 import datetime
 import enum
+import gc
 import hashlib
 import importlib
 import inspect
@@ -474,7 +475,10 @@ def build_trainer(s: Settings, smoke: bool, recipe: str | None, grouped_linears,
 
     megatron_qat.disable()
     if recipe is not None:
-        megatron_qat.enable(recipe=recipe)
+        try:
+            megatron_qat.enable(recipe=recipe)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:  # FakeQATUnavailableError is a RuntimeError
+            raise UsageError(f"megatron_qat.enable(recipe={recipe!r}) refused: {exc}") from None
     torch.manual_seed(s.seed)
     if not smoke:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -748,6 +752,7 @@ def run(args, s: Settings, variants) -> dict:
         print(f"[{name}] build {build_s:.1f} s, train {train_s:.1f} s ({s.steps} steps), evaluations {eval_s:.1f} s, "
               f"noise evaluations {noise_s:.1f} s", flush=True)
         del tr
+        gc.collect()  # DDP and its config refer to each other
         if device.type == "cuda":
             torch.cuda.empty_cache()
     import megatron_qat

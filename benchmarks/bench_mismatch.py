@@ -230,7 +230,7 @@ def contract_problems(variants) -> list[str]:
     problems += [f"megatron_qat.numerics.rules.RECIPES has no {r!r}" for r in sorted(recipes) if r not in getattr(rules, "RECIPES", {})]
     if recipes and "recipe" not in inspect.signature(megatron_qat.enable).parameters:
         problems.append("megatron_qat.enable() takes no recipe= argument yet")
-    for fn in ("quantize", "dequantize"):
+    for fn in ("quantize", "dequantize", "fake_quantize"):
         if "rule" not in inspect.signature(getattr(mxfp4, fn)).parameters:
             problems.append(f"megatron_qat.mxfp4.{fn}() takes no rule= argument yet")
     if any(v.act_rule for v in variants) and not hasattr(mxfp4, "fake_quantize_activation"):
@@ -579,7 +579,8 @@ def _expert_modules(tr: Trainer):
 def engine_experts(tr: Trainer, variant: Variant) -> tuple[dict, dict]:
     """``{layer: (fc1 [E, 2I, H], fc2 [E, H, I])}`` in BF16 as the variant's engine holds them, and
     diagnostics (SHIPPED: elements where the decoded bytes differ from the weights the trainer's
-    forward used, int16 views)."""
+    forward used, and from ``fake_quantize`` of the master weights under FlashInfer's rule, int16
+    views)."""
     import torch
     from megatron_qat import layouts, mxfp4
     from megatron_qat.export import export_mxfp4
@@ -602,7 +603,7 @@ def engine_experts(tr: Trainer, variant: Variant) -> tuple[dict, dict]:
         return experts, info
     shipped = dict(export_mxfp4([tr.gpt], "raw"))
     flashinfer = rule("FLASHINFER_MXFP4")
-    differ = total = 0
+    differ = not_flashinfer = total = 0
     for item in items:
         names = layouts.hf_expert_names("megatron", item.layer)
         pair = []
@@ -615,13 +616,17 @@ def engine_experts(tr: Trainer, variant: Variant) -> tuple[dict, dict]:
                 for e in range(n)])
             with torch.no_grad():
                 used = torch.stack([t.detach() for t in linear._get_weight_tensors()])
+            master = torch.stack(raw_weights(linear))
+            rule_bits = mxfp4.fake_quantize(master, BLOCK, rule=flashinfer)
             differ += int((decoded.view(torch.int16) != used.to(torch.bfloat16).view(torch.int16)).sum())
+            not_flashinfer += int((decoded.view(torch.int16) != rule_bits.view(torch.int16)).sum())
             total += decoded.numel()
             pair.append(decoded)
         experts[item.layer] = tuple(pair)
     if shipped:
         raise RuntimeError(f"export_mxfp4 shipped tensors this benchmark did not expect: {sorted(shipped)[:3]}")
     info["shipped_vs_trained_differ"] = differ
+    info["shipped_vs_flashinfer_rule_differ"] = not_flashinfer
     info["expert_elements"] = total
     return experts, info
 
@@ -813,6 +818,11 @@ def result_check(result: dict) -> list[str]:
             bad = [e["step"] for e in evals if e["shipped_vs_trained_differ"]]
             if bad:
                 fails.append(f"variant {key}: the shipped bytes differ from the weights the forward used at steps {bad}")
+        if v["weights"] == "SHIPPED":  # what the engine loads: FlashInfer-rule (half-to-even) bytes, whatever the training
+            bad = [e["step"] for e in evals if e["shipped_vs_flashinfer_rule_differ"]]
+            if bad:
+                fails.append(f"variant {key}: export_mxfp4 did not ship FlashInfer-rule bytes of the master weights at "
+                             f"steps {bad} (for (d) the export must round half-to-even, not follow the training recipe)")
         if not meta["smoke"] and any(e["conversion_rounded"] for e in evals):
             fails.append(f"variant {key}: the rollout conversion rounded non-BF16 tensors")
     return fails
@@ -877,8 +887,8 @@ def report(result: dict, fails: list[str]) -> str:
         for e in evals:
             out.append(f"| {key} | {e['step']} | " + " | ".join(_fmt(e[m]) for m in METRICS) + " |")
     out += ["", "## Result check", ""] + ([f"- FAILED: {f}" for f in fails] or ["- all checks passed (every run's loss fell "
-            "clearly, one initialisation for every run, the BF16 floor is small, shipped bytes == trained weights for "
-            "the FlashInfer-rule runs)"])
+            "clearly, one initialisation for every run, the BF16 floor is small, every export shipped FlashInfer-rule "
+            "bytes, and those equal the trained weights for the FlashInfer-rule runs)"])
     return "\n".join(out) + "\n"
 
 

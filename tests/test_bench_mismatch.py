@@ -108,6 +108,8 @@ def test_smoke_runs_every_variant_end_to_end(tmp_path):
             assert all(math.isfinite(e[m]) and e[m] >= 0 for m in METRICS), (key, e)
     for key in ("e", "f2"):  # ours: the shipped bytes are the trained bits
         assert all(e["shipped_vs_trained_differ"] == 0 and e["expert_elements"] > 0 for e in result["evals"][key])
+    for key in ("d", "e", "f1", "f2"):  # every export ships FlashInfer-rule (half-to-even) bytes
+        assert all(e["shipped_vs_flashinfer_rule_differ"] == 0 for e in result["evals"][key])
     md = (tmp_path / "mismatch_cpu-smoke.md").read_text()
     assert "all checks passed" in md
     for v in result["meta"]["variants"].values():

@@ -828,6 +828,11 @@ def result_check(result: dict) -> list[str]:
     return fails
 
 
+def _cell(text: str) -> str:
+    """A markdown table cell (the metric names contain pipes)."""
+    return text.replace("|", "\\|")
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3e}" if math.isfinite(x) else "-"
 
@@ -860,7 +865,7 @@ def report(result: dict, fails: list[str]) -> str:
                                        f"eval {r['seconds']['eval']:.1f} / noise {r['seconds']['noise']:.1f}"
                                        for n, r in result["runs"].items()),
            "", f"## At step {s['steps']}", "",
-           "| variant | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " | train loss (last tenth) | shipped != trained |",
+           "| variant | " + " | ".join(_cell(METRIC_LABELS[m]) for m in METRICS) + " | train loss (last tenth) | shipped != trained |",
            "|---|" + "---|" * (len(METRICS) + 2)]
     for key, evals in result["evals"].items():
         v = meta["variants"][key]
@@ -881,7 +886,7 @@ def report(result: dict, fails: list[str]) -> str:
             verdict = ("within" if abs(me - ma) <= band else "OUTSIDE") if math.isfinite(band) else "no noise estimate for"
             out.append(f"- {METRIC_LABELS[m]}: (e) {_fmt(me)} vs (a) {_fmt(ma)}: {verdict} 2 sigma of the seed spread "
                        f"({_fmt(band)})")
-    out += ["", "## Every evaluation (seed 0)", "", "| variant | step | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+    out += ["", "## Every evaluation (seed 0)", "", "| variant | step | " + " | ".join(_cell(METRIC_LABELS[m]) for m in METRICS) + " |",
             "|---|---|" + "---|" * len(METRICS)]
     for key, evals in result["evals"].items():
         for e in evals:

@@ -222,7 +222,7 @@ def contract_problems(variants) -> list[str]:
     try:
         rules = importlib.import_module("megatron_qat.numerics.rules")
     except ImportError as exc:
-        return [f"megatron_qat.numerics.rules cannot be imported ({exc}): the rules/recipes contract is not on this checkout"]
+        return [f"megatron_qat.numerics.rules cannot be imported ({exc})"]
     problems = []
     names = {"FLASHINFER_MXFP4"} | {v.weight_rule for v in variants if v.weight_rule} | {v.act_rule for v in variants if v.act_rule}
     problems += [f"megatron_qat.numerics.rules has no {n}" for n in sorted(names) if not hasattr(rules, n)]

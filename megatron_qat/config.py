@@ -9,18 +9,14 @@
 | ``MEGATRON_QAT_KERNEL`` | ``reference``, ``triton`` (forces the numerics implementation) | auto |
 | ``MEGATRON_QAT_CACHE`` | ``1`` cache the fake-quantized weights per optimizer step, ``0`` fake-quantize every call | ``1`` |
 | ``MEGATRON_QAT_METRICS_INTERVAL`` | a non-negative integer N: statistics every N steps, ``0`` off | Megatron's ``--log-interval`` |
+| ``MEGATRON_QAT_RECIPE`` | a recipe name of :data:`megatron_qat.numerics.rules.RECIPES` (docs/engines.md) | ``flashinfer-w4a16`` |
 
 One rule for every variable (:func:`read`): the value is stripped of surrounding whitespace; an
 unset or empty variable takes its default; anything else must be exactly one of the accepted values
 (case-sensitive), or a :class:`ValueError` names the variable, the value and the accepted values.
-A ``MEGATRON_QAT_*`` or ``OPEN_TRAINING_MXFP4_*`` name that is not in the table (a typo such as
-``OPEN_TRAINING_MXFP4_FAKE_QAT=1``, which would otherwise train without fake-QAT) is an error too,
-whether or not the flag is on, naming the closest known name (:func:`check_names`).
-
-Where the check runs: :func:`from_env` (so wherever the patch is enabled from the environment), the
-``megatron-qat`` commands before they start, and, through the autoload, when Megatron imports its
-Transformer Engine extension module: the ``.pth`` line installs the autoload whenever any name with
-our prefixes is set (:func:`autoload_requested` is its condition), not only when the flag is on.
+An unknown ``MEGATRON_QAT_*`` or ``OPEN_TRAINING_MXFP4_*`` variable (a typo such as
+``OPEN_TRAINING_MXFP4_FAKE_QAT=1``, which would otherwise train silently without fake-QAT) is an
+error too, flag on or off (:func:`check_names`, naming the closest known name).
 
 This module imports nothing heavy (no torch): it is safe at interpreter start.
 """
@@ -28,12 +24,12 @@ This module imports nothing heavy (no torch): it is safe at interpreter start.
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 from dataclasses import dataclass
 from typing import Mapping
 
 from .numerics.constants import DEFAULT_BLOCK_SIZE  # the one definition (torch-free)
+from .numerics.rules import DEFAULT_RECIPE, RECIPES
 
 MXFP4_FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
 MXFP4_BLOCK_SIZE = "OPEN_TRAINING_MXFP4_BLOCK_SIZE"
@@ -42,6 +38,7 @@ AUTOLOAD = "MEGATRON_QAT_AUTOLOAD"
 KERNEL = "MEGATRON_QAT_KERNEL"
 CACHE = "MEGATRON_QAT_CACHE"
 METRICS_INTERVAL = "MEGATRON_QAT_METRICS_INTERVAL"
+RECIPE = "MEGATRON_QAT_RECIPE"
 
 _ON_OFF = {"1": True, "0": False}
 KERNEL_CHOICES = {"reference": "reference", "triton": "triton"}
@@ -58,11 +55,9 @@ VARIABLES = {
         "a non-negative integer (N > 0: statistics every N steps; 0: off)",
         "follow Megatron's --log-interval",
     ),
+    RECIPE: (", ".join(f'"{name}"' for name in RECIPES) + " (docs/engines.md)", DEFAULT_RECIPE),
 }
 _OWN_PREFIXES = ("MEGATRON_QAT_", "OPEN_TRAINING_MXFP4_")
-
-_log = logging.getLogger("megatron_qat")
-_warned_block_sizes: set[int] = set()
 
 
 def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -116,13 +111,15 @@ def metrics_interval(environ: Mapping[str, str] | None = None) -> int | None:
     return int(text, 10)
 
 
-def autoload_requested(environ: Mapping[str, str] | None = None) -> bool:
-    """The autoload ``.pth`` line's condition (it repeats this in one line of its own, without importing
-    anything): some ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name is set and ``MEGATRON_QAT_AUTOLOAD``
-    is not ``0``. Then the autoload runs :func:`from_env` (every value, every name) when Megatron
-    imports its TE extension module, and patches only if the flag is on."""
-    env = _environ(environ)
-    return any(n.startswith(_OWN_PREFIXES) for n in env) and env.get(AUTOLOAD, "1").strip() != "0"
+def recipe_name(environ: Mapping[str, str] | None = None) -> str:
+    """``MEGATRON_QAT_RECIPE`` read by :func:`read`: a name of ``RECIPES`` (unset/empty: the default)."""
+    return read(RECIPE, {name: name for name in RECIPES}, DEFAULT_RECIPE, environ)
+
+
+def own_names_present(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether any ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name is set (the autoload's second
+    condition: a misspelt flag must still be checked where Megatron is imported)."""
+    return any(name.startswith(_OWN_PREFIXES) for name in _environ(environ))
 
 
 def flag_requested(environ: Mapping[str, str] | None = None) -> bool:
@@ -133,14 +130,15 @@ def flag_requested(environ: Mapping[str, str] | None = None) -> bool:
 
 @dataclass(frozen=True)
 class FakeQATConfig:
-    """What the environment asks for: ``enabled``, the MXFP4 ``block_size`` and ``autoload``."""
+    """What the environment asks for: ``enabled``, the ``block_size``, ``autoload`` and the ``recipe`` name."""
 
     enabled: bool
     block_size: int = DEFAULT_BLOCK_SIZE
     autoload: bool = True
+    recipe: str = DEFAULT_RECIPE
 
 
-def _block_size(environ: Mapping[str, str], warn: bool) -> int:
+def _block_size(environ: Mapping[str, str]) -> int:
     raw = environ.get(MXFP4_BLOCK_SIZE)
     if raw is None or raw.strip() == "":
         return DEFAULT_BLOCK_SIZE
@@ -148,15 +146,6 @@ def _block_size(environ: Mapping[str, str], warn: bool) -> int:
     value = int(text) if text.isdigit() and text.isascii() else -1
     if value <= 0 or value % 2:
         raise reject(MXFP4_BLOCK_SIZE, raw)
-    if warn and value != DEFAULT_BLOCK_SIZE and value not in _warned_block_sizes:
-        _warned_block_sizes.add(value)
-        _log.warning(
-            "%s=%d: FlashInfer's MXFP4 kernels implement only block size 32; %d is an ablation and "
-            "will not match what the rollout engine ships",
-            MXFP4_BLOCK_SIZE,
-            value,
-            value,
-        )
     return value
 
 
@@ -165,27 +154,27 @@ def _suffix(name: str) -> str:
 
 
 def check_names(environ: Mapping[str, str] | None = None) -> None:
-    """Every ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name set in ``environ`` is one of
-    :data:`VARIABLES`; ValueError otherwise, naming each unknown name with the closest known one
-    (``difflib``) and listing the accepted names. Another product's ``OPEN_TRAINING_*`` is not ours."""
+    """Raise ValueError for a set ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name that is not a
+    variable of the table, naming each with its value and the closest known name (``difflib`` on
+    what follows the prefix: a shared prefix is no likeness, and ``MEGATRON_QAT_BLOCK_SIZE`` finds
+    ``OPEN_TRAINING_MXFP4_BLOCK_SIZE``), and listing the accepted names."""
     env = _environ(environ)
-    known = [n for n in VARIABLES if n.startswith(_OWN_PREFIXES)]
     unknown = sorted(n for n in env if n.startswith(_OWN_PREFIXES) and n not in VARIABLES)
-    if not unknown:
-        return
-    by_suffix = {_suffix(n): n for n in known}  # compare what follows the prefix (a shared prefix is no likeness)
-    parts = []
-    for name in unknown:
-        close = difflib.get_close_matches(_suffix(name), by_suffix, n=1, cutoff=0.6)
-        parts.append(f"{name}={env[name]!r}" + (f" (did you mean {by_suffix[close[0]]}?)" if close else ""))
-    raise ValueError(f"unknown megatron-qat variable(s) {', '.join(parts)}: accepted names are {', '.join(known)}")
+    if unknown:
+        known = [n for n in VARIABLES if n.startswith(_OWN_PREFIXES)]
+        by_suffix = {_suffix(n): n for n in known}
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(_suffix(name), by_suffix, n=1, cutoff=0.6)
+            hints.append(f"{name}={env[name]!r}" + (f" (did you mean {by_suffix[close[0]]}?)" if close else ""))
+        raise ValueError(f"unknown megatron-qat variable(s) {', '.join(hints)}: accepted names are {', '.join(known)}")
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> FakeQATConfig:
     """Read the fake-QAT settings from ``environ`` (``None`` means ``os.environ``).
 
-    Every variable of the table is checked by :func:`read`'s rule, and every name by
-    :func:`check_names`, whether or not the flag is on.
+    Every variable of the table is checked by :func:`read`'s rule, and every set name with our
+    prefixes by :func:`check_names`, whether or not the flag is on.
 
     Raises:
         ValueError: a variable holds a value outside its accepted set, or an unknown
@@ -200,10 +189,12 @@ def from_env(environ: Mapping[str, str] | None = None) -> FakeQATConfig:
     kernel_choice(env)
     caching(env)
     metrics_interval(env)
+    recipe = recipe_name(env)
+    block_size = _block_size(env)
     check_names(env)
     if enabled and int4:
         raise RuntimeError(
             f"{MXFP4_FLAG}=1 and {INT4_FLAG}=1 are both set: MXFP4 and INT4 fake-QAT are mutually "
             "exclusive; unset one of them"
         )
-    return FakeQATConfig(enabled=enabled, block_size=_block_size(env, warn=enabled), autoload=autoload)
+    return FakeQATConfig(enabled=enabled, block_size=block_size, autoload=autoload, recipe=recipe)

@@ -16,16 +16,18 @@ import torch
 from megatron_qat.export.codec import quantize_experts
 from megatron_qat.export.formats import LayerBytes, check_format, emit_layer
 from megatron_qat.export.gather import ExpertGroups, gather_experts, locate
-from megatron_qat.export.live import find_expert_modules, groups_for, raw_biases, raw_weights, training_block_size
+from megatron_qat.export.live import find_expert_modules, groups_for, raw_biases, raw_weights, training_numerics
 
 
 def gather_then_quantize(
     model, fmt: str = "raw", *, family: str | None = None, groups: ExpertGroups | None = None,
-    dst: int | None = None, block_size: int | None = None, impl: str | None = None,
+    dst: int | None = None, block_size: int | None = None, rule=None, impl: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Gather-then-quantize twin of :func:`~megatron_qat.export.export_mxfp4` (same arguments)."""
     check_format(fmt, family)
-    block_size = training_block_size() if block_size is None else block_size
+    trained_block_size, trained_recipe = training_numerics()
+    block_size = trained_block_size if block_size is None else block_size
+    rule = trained_recipe.weights if rule is None else rule
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     for item in find_expert_modules(chunks):
         g = groups_for(item.module, groups)
@@ -43,6 +45,6 @@ def gather_then_quantize(
                 out[role] = None
                 continue
             names = [f"{item.name}.linear_{role}.weight{e}" for e in range(full.shape[0])]
-            out[role] = quantize_experts(list(full.unbind(0)), names, block_size, impl=impl)
+            out[role] = quantize_experts(list(full.unbind(0)), names, block_size, rule=rule, impl=impl)
         if out["fc1"] is not None:
             yield from emit_layer(LayerBytes(item.layer, glu, **out), fmt, family)

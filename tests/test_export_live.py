@@ -161,9 +161,9 @@ def pg_collection(etp_group=None, ep_group=None):
 def reference_layer(w: dict, layer: int, glu: bool):
     """Gather-then-quantize reference: quantize the FULL layer weights, Megatron layout."""
     from megatron_qat.export.formats import LayerBytes
-    from megatron_qat.mxfp4 import MXFP4Payload
+    from megatron_qat.mxfp4 import FLASHINFER_MXFP4, MXPayload
 
-    fc1, fc2 = (MXFP4Payload.quantize(w[role], 32, impl="reference") for role in ("fc1", "fc2"))
+    fc1, fc2 = (MXPayload.quantize(w[role], 32, rule=FLASHINFER_MXFP4, impl="reference") for role in ("fc1", "fc2"))
     return LayerBytes(layer, glu, fc1, fc2, w.get("fc1_bias"), w.get("fc2_bias"))
 
 

@@ -36,9 +36,9 @@ def _record_golden_inputs(monkeypatch):
     seen = []
     original = golden.quantize
 
-    def recording(x):
+    def recording(x, **rule):
         seen.append(x.copy())
-        return original(x)
+        return original(x, **rule)
 
     monkeypatch.setattr(golden, "quantize", recording)
     return seen
@@ -75,8 +75,8 @@ def test_gpt_oss_first_mismatch_index_is_in_stored_coordinates(gpt_oss_dir, tmp_
     original = golden.quantize
     done = []
 
-    def flipped(x):  # flip one code at row 5, col 17 of the first gate_up batch (K = hidden = 64)
-        codes, scales = original(x)
+    def flipped(x, **rule):  # flip one code at row 5, col 17 of the first gate_up batch (K = hidden = 64)
+        codes, scales = original(x, **rule)
         if x.shape[1] == 64 and not done:
             codes = codes.copy()
             codes[5, 17 // 2] ^= 0x8 << 4

@@ -6,14 +6,15 @@ encoding the same BF16 master weights with :func:`megatron_qat.mxfp4.quantize_ma
 launch per module on CUDA): for finite input,
 ``dequantize(*quantize(W)) == fake_quantize(W)`` bit for bit (docs/numerics.md), so the decoded
 export equals the weight the forward used. The bytes travel as
-:class:`~megatron_qat.mxfp4.payload.MXFP4Payload` (codes, scales and their block size together).
+:class:`~megatron_qat.mxfp4.payload.MXPayload` (codes, scales, block size and rule together).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..mxfp4.payload import MXFP4Payload
+from ..mxfp4.payload import MXPayload
+from ..numerics.rules import Rule
 from ..tools.errors import ToolError
 
 
@@ -35,11 +36,13 @@ def check_in_features(name: str, in_features: int, block_size: int, *, shard: bo
         )
 
 
-def quantize_experts(weights: list[torch.Tensor], names: list[str], block_size: int, *, impl: str | None = None) -> MXFP4Payload:
-    """MXFP4-encode N expert weights ``[out, in]`` (one dtype, one device, one shape).
+def quantize_experts(
+    weights: list[torch.Tensor], names: list[str], block_size: int, *, rule: Rule, impl: str | None = None
+) -> MXPayload:
+    """Encode N expert weights ``[out, in]`` (one dtype, one device, one shape) under ``rule``.
 
-    Returns one payload of codes uint8 ``[N, out, in/2]`` (low nibble = even element) and scales
-    uint8 ``[N, out, in/block_size]`` (E8M0). ``names[i]`` names ``weights[i]`` in errors: a
+    Returns one payload of codes uint8 ``[N, out, in/2]`` (E2M1 rules: low nibble = even element) and
+    scales uint8 ``[N, out, in/block_size]`` (E8M0). ``names[i]`` names ``weights[i]`` in errors: a
     non-finite weight is refused (ExportError naming the tensor and row), never encoded.
     """
     if not weights:
@@ -50,7 +53,7 @@ def quantize_experts(weights: list[torch.Tensor], names: list[str], block_size: 
             raise ExportError(f"{name}: expected a 2-D weight of shape {shape}, got {tuple(w.shape)}")
         check_in_features(name, w.shape[-1], block_size)
         raise_if_nonfinite(w, name)
-    return MXFP4Payload.stack(MXFP4Payload.quantize_many([w.detach() for w in weights], block_size, impl=impl))  # one launch
+    return MXPayload.stack(MXPayload.quantize_many([w.detach() for w in weights], block_size, rule=rule, impl=impl))  # one launch
 
 
 def raise_if_nonfinite(w: torch.Tensor, name: str) -> None:

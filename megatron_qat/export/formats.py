@@ -1,7 +1,7 @@
 """Engine formats of one layer's MXFP4 expert bytes: names and layouts (export-specific naming).
 
 Input: one layer, every expert, in Megatron's layout (:class:`LayerBytes`), as
-:class:`~megatron_qat.mxfp4.payload.MXFP4Payload`: ``fc1`` encodes ``[E, R1, H]`` with ``R1 = 2I``
+:class:`~megatron_qat.mxfp4.payload.MXPayload`: ``fc1`` encodes ``[E, R1, H]`` with ``R1 = 2I``
 rows ``[gate; up]`` (CONCAT) for a gated MLP, ``fc2`` ``[E, H, I]``; optional BF16 biases
 ``fc1_bias [E, R1]``, ``fc2_bias [E, H]``. Codes: element 2i in the low nibble; scales: E8M0 bytes,
 one per ``block_size`` elements of in_features (docs/numerics.md).
@@ -15,8 +15,9 @@ this module only adds the MXFP4 storage suffixes:
   ``<down>_scales [E, H, I/32]``; biases ``<gate_up>_bias [E, 2I]`` (interleaved) and
   ``<down>_bias [E, H]``. Needs a gated MLP.
 
-The two engine formats hold OCP MX blocks of :data:`ENGINE_BLOCK_SIZE` elements (gpt-oss
-``*_blocks`` rows of 16 bytes, compressed-tensors ``group_size``); ``raw`` ships any block size.
+The two engine formats hold E2M1 codes in OCP MX blocks of :data:`ENGINE_BLOCK_SIZE` elements (gpt-oss
+``*_blocks`` rows of 16 bytes, compressed-tensors ``group_size``), whatever E2M1 rule made them;
+``raw`` ships any block size and rule.
 - ``compressed-tensors`` (``mxfp4-pack-quantized``, compressed-tensors 0.20
   ``MXFP4PackedCompressor``; families with per-expert ``nn.Linear`` names: qwen3_moe, qwen2_moe,
   deepseek_v3, deepseek_v2, mixtral): per expert ``<proj>.weight_packed [out, in/2]`` and
@@ -34,8 +35,9 @@ from typing import Iterator
 import torch
 
 from .. import layouts
-from ..mxfp4.payload import MXFP4Payload
+from ..mxfp4.payload import MXPayload
 from ..numerics.constants import DEFAULT_BLOCK_SIZE
+from ..numerics.rules import Element, Rule
 from .codec import ExportError
 
 FORMATS = ("gpt-oss", "compressed-tensors", "raw")
@@ -55,8 +57,8 @@ class LayerBytes:
 
     layer: int  # global, 0-based (Megatron TransformerLayer.layer_number - 1)
     glu: bool
-    fc1: MXFP4Payload  # [E, R1, H]
-    fc2: MXFP4Payload  # [E, H, I]
+    fc1: MXPayload  # [E, R1, H]
+    fc2: MXPayload  # [E, H, I]
     fc1_bias: torch.Tensor | None = None
     fc2_bias: torch.Tensor | None = None
 
@@ -65,8 +67,10 @@ class LayerBytes:
         return self.fc1.codes.shape[0]
 
 
-def check_block_size(fmt: str, block_size: int) -> None:
-    """The engine formats hold blocks of :data:`ENGINE_BLOCK_SIZE`; ExportError for another size."""
+def check_numerics(fmt: str, block_size: int, rule: Rule) -> None:
+    """The engine formats hold E2M1 codes in blocks of :data:`ENGINE_BLOCK_SIZE`; ExportError otherwise."""
+    if fmt in ENGINE_FORMATS and rule.element is not Element.E2M1:
+        raise ExportError(f"format {fmt} stores MXFP4 (E2M1) codes; rule {rule.name} makes {rule.element.name} ones")
     if fmt in ENGINE_FORMATS and block_size != ENGINE_BLOCK_SIZE:
         raise ExportError(
             f"format {fmt} stores MXFP4 blocks of {ENGINE_BLOCK_SIZE} elements (what its loaders read); block size "
@@ -101,7 +105,7 @@ def interleave_rows(concat: torch.Tensor) -> torch.Tensor:
 def emit_layer(data: LayerBytes, fmt: str, family: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The engine-ready ``(name, tensor)`` pairs of one layer, in a fixed order."""
     family = check_format(fmt, family)
-    check_block_size(fmt, data.fc1.block_size)
+    check_numerics(fmt, data.fc1.block_size, data.fc1.rule)
     if fmt == "gpt-oss":
         yield from _gpt_oss(data)
     elif fmt == "compressed-tensors":

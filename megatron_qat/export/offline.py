@@ -31,12 +31,13 @@ from typing import Iterator
 import torch
 
 from .. import layouts
-from ..mxfp4.payload import MXFP4Payload
+from ..mxfp4.payload import MXPayload
+from ..numerics.rules import RECIPES, Recipe, Rule
 from ..tools.atomic import AtomicDirectory, write_json
 from ..tools.progress import Progress, gib
 from .checkpoint import CONFIG_NAME, INDEX_NAME, ShardWriter, Source, copy_side_files, open_source
 from .codec import ExportError, check_in_features, raise_if_nonfinite
-from .formats import CT_PACKED, CT_SCALE, ENGINE_FORMATS, GPT_OSS_BLOCKS, GPT_OSS_SCALES, PER_EXPERT_FAMILIES, check_block_size
+from .formats import CT_PACKED, CT_SCALE, ENGINE_FORMATS, GPT_OSS_BLOCKS, GPT_OSS_SCALES, PER_EXPERT_FAMILIES, check_numerics
 from .hf_config import compressed_tensors_quantization_config, gpt_oss_quantization_config, provenance
 
 OFFLINE_FORMATS = ENGINE_FORMATS
@@ -104,13 +105,13 @@ def resolve_family(fmt: str, source: Source, family: str | None) -> str:
     return family
 
 
-def preflight(source: Source, fmt: str, family: str, block_size: int) -> tuple[int, int, list[str]]:
+def preflight(source: Source, fmt: str, family: str, block_size: int, rule: Rule) -> tuple[int, int, list[str]]:
     """Check every tensor's metadata before reading data. Returns (tensor count, bytes, the
     compressed-tensors ignore list: every non-expert 2-D ``*.weight`` module)."""
     quantized = source.quantized()
     if quantized:
         raise ExportError(f"{source.path}: already quantized ({quantized}); export needs a BF16 checkpoint")
-    check_block_size(fmt, block_size)
+    check_numerics(fmt, block_size, rule)
     count = nbytes = experts = 0
     ignore = []
     expert_shapes = []
@@ -168,32 +169,49 @@ def output_plan(name: str, shape: tuple[int, ...], info, fmt: str, family: str) 
     return plan
 
 
-def convert_tensor(name: str, t: torch.Tensor, info, fmt: str, family: str, block_size: int, device: str) -> Iterator[tuple[str, torch.Tensor]]:
+def convert_tensor(
+    name: str, t: torch.Tensor, info, fmt: str, family: str, block_size: int, rule: Rule, device: str
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The output pairs of one routed-expert source tensor (:func:`output_plan`); refuses non-finite weights."""
     blocked = layouts.blocked_view(t, info)
     raise_if_nonfinite(blocked, name)
-    payload = MXFP4Payload.quantize(blocked.to(device), block_size).cpu()
+    payload = MXPayload.quantize(blocked.to(device), block_size, rule=rule).cpu()
     for codes_name, scales_name, index in output_plan(name, tuple(t.shape), info, fmt, family):
         part = payload[index].contiguous() if index else payload
         yield codes_name, (part.blocks() if fmt == "gpt-oss" else part.codes)
         yield scales_name, part.scales
 
 
+def resolve_recipe(name: str | None) -> Recipe:
+    """The named recipe (``None``: the one the fake-QAT forward uses, :func:`~.live.training_numerics`)."""
+    from .live import training_numerics
+
+    if name is None:
+        return training_numerics()[1]
+    if name not in RECIPES:
+        raise ExportError(f"--recipe {name!r}: accepted values are {', '.join(RECIPES)} (docs/engines.md)")
+    return RECIPES[name]
+
+
 def convert_checkpoint(
     src: str, dst: str, fmt: str, *, family: str | None = None, device: str = "cpu", block_size: int | None = None,
-    max_shard_bytes: int = 2 << 30, progress: bool = True,
+    recipe: str | None = None, max_shard_bytes: int = 2 << 30, progress: bool = True,
 ) -> dict:
-    """Convert ``src`` to ``dst`` (see the module docstring). ``block_size``: ``None`` = the one the
-    fake-QAT forward uses (``OPEN_TRAINING_MXFP4_BLOCK_SIZE``, default 32). Returns a summary dict
-    (``expert_tensors``, ``copied_tensors``, ``bytes_written``, ``dst``)."""
-    from .live import training_block_size
+    """Convert ``src`` to ``dst`` (see the module docstring). ``block_size`` / ``recipe`` (a name of
+    :data:`megatron_qat.numerics.rules.RECIPES`): ``None`` = those the fake-QAT forward uses
+    (``OPEN_TRAINING_MXFP4_BLOCK_SIZE``, default 32; ``MEGATRON_QAT_RECIPE``, default
+    ``flashinfer-w4a16``); the bytes are made under the recipe's WEIGHT rule. Returns a summary dict
+    (``expert_tensors``, ``copied_tensors``, ``bytes_written``, ``dst``, ``rule``)."""
+    from .live import training_numerics
 
     device = check_device(device)
-    block_size = training_block_size() if block_size is None else block_size
+    block_size = training_numerics()[0] if block_size is None else block_size
+    chosen = resolve_recipe(recipe)
+    rule = chosen.weights
     output = AtomicDirectory(dst)  # refuses an existing --out before any work
     source = open_source(src)
     family = resolve_family(fmt, source, family)
-    count, nbytes, ignore = preflight(source, fmt, family, block_size)
+    count, nbytes, ignore = preflight(source, fmt, family, block_size, rule)
     experts = copied = 0
     with output as tmp, Progress("export", count, nbytes, noun="tensors", show=gib, enabled=progress) as bar:
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -203,7 +221,7 @@ def convert_checkpoint(
                 writer.add(t_info.name, t)
                 copied += 1
             else:
-                for out_name, out in convert_tensor(t_info.name, t, info, fmt, family, block_size, device):
+                for out_name, out in convert_tensor(t_info.name, t, info, fmt, family, block_size, rule, device):
                     writer.add(out_name, out)
                 experts += 1
             bar.advance(t_info.nbytes, items=1)
@@ -214,8 +232,9 @@ def convert_checkpoint(
             config["quantization_config"] = gpt_oss_quantization_config()
         else:
             config["quantization_config"] = compressed_tensors_quantization_config(ignore, block_size)
-        config["megatron_qat"] = provenance(fmt, family, block_size)
+        config["megatron_qat"] = provenance(fmt, family, block_size, rule, chosen.name)
         write_json(os.path.join(tmp, CONFIG_NAME), config)
         write_json(os.path.join(tmp, INDEX_NAME), {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map})
         copy_side_files(source.root, tmp, source.files)
-    return {"dst": os.path.abspath(dst), "expert_tensors": experts, "copied_tensors": copied, "bytes_written": writer.total_bytes}
+    return {"dst": os.path.abspath(dst), "expert_tensors": experts, "copied_tensors": copied, "bytes_written": writer.total_bytes,
+            "rule": rule.name}

@@ -10,7 +10,9 @@ and compared, on ``int16`` / ``int32`` views, with the decode of the destination
 (names from :func:`megatron_qat.export.offline.output_plan`); any other tensor must be present with
 the same dtype, shape and bytes. Destination tensors no source tensor accounts for are extra. The
 format is read from the destination's ``config.json`` (``quant_method``), the block size from its
-data (gpt-oss: ``2 x`` the ``*_blocks`` row length; compressed-tensors: the config's ``group_size``).
+data (gpt-oss: ``2 x`` the ``*_blocks`` row length; compressed-tensors: the config's ``group_size``)
+and the rule from its provenance record (``megatron_qat.rule``; an export without one is checked
+under ``--recipe``'s weight rule, default ``MEGATRON_QAT_RECIPE``'s).
 
 Exit codes (:class:`megatron_qat.tools.errors.ExitCode`): 0 identical everywhere, 1 a difference
 (or a missing / extra tensor), and only that; 2 a refused input: an unreadable or corrupt file, a
@@ -27,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import layouts
-from ..mxfp4.payload import MXFP4Payload
+from ..mxfp4.payload import MXPayload
+from ..numerics.rules import RULES, Rule
 from ..numerics.format import INT_VIEW_DTYPES
 from ..tools.atomic import write_json
 from ..tools.errors import ExitCode, ToolError
@@ -35,7 +38,7 @@ from .checkpoint import CONFIG_NAME, Source, open_source
 from .codec import ExportError
 from .formats import GPT_OSS_BLOCKS
 from .hf_config import CT_FORMAT
-from .offline import output_plan, preflight, resolve_family
+from .offline import output_plan, preflight, resolve_family, resolve_recipe
 
 PARITY_RERUN = "megatron-qat parity {dst} --source {src}"
 
@@ -44,6 +47,7 @@ PARITY_RERUN = "megatron-qat parity {dst} --source {src}"
 class VerifyResult:
     format: str
     block_size: int
+    rule: Rule
     expert_tensors: int = 0
     copied_tensors: int = 0
     mismatches: list = field(default_factory=list)  # one-line descriptions
@@ -60,7 +64,7 @@ class VerifyResult:
 
     def summary(self) -> str:
         head = "EXPORT PARITY OK" if self.ok else "EXPORT PARITY MISMATCH"
-        text = (f"{head}: {self.expert_tensors} expert tensor(s) decode to fake_quantize(source) bit for bit, "
+        text = (f"{head}: {self.expert_tensors} expert tensor(s) decode to fake_quantize(source) bit for bit (rule {self.rule.name}), "
                 f"{self.copied_tensors} other tensor(s) byte-identical" if self.ok else
                 f"{head}: {len(self.mismatches)} mismatch(es), {len(self.missing)} missing, {len(self.extra)} extra")
         lines = [text] + [f"  mismatch: {m}" for m in self.mismatches[:20]]
@@ -95,6 +99,26 @@ def export_block_size(shipped: Source, fmt: str) -> int:
     return sizes.pop()
 
 
+def export_rule(shipped: Source, recipe: str | None) -> Rule:
+    """The rule the export was made under: its provenance ``megatron_qat.rule``; ``recipe`` (a name,
+    e.g. ``--recipe``) must agree with it. An export without the record: ``recipe``'s weight rule
+    (``None``: the one the fake-QAT forward uses, ``MEGATRON_QAT_RECIPE``)."""
+    where = os.path.join(shipped.root, CONFIG_NAME)
+    record = shipped.config.get("megatron_qat")
+    named = record.get("rule") if isinstance(record, dict) else None
+    if named is None:
+        return resolve_recipe(recipe).weights
+    if named not in RULES:
+        raise ExportError(f"{where}: megatron_qat.rule {named!r} is not a known rule ({', '.join(RULES)})")
+    rule = RULES[named]
+    if recipe is not None and resolve_recipe(recipe).weights is not rule:
+        raise ExportError(
+            f"--recipe {recipe} (weight rule {resolve_recipe(recipe).weights.name}) contradicts {where}, whose bytes were made "
+            f"under rule {rule.name}; drop --recipe to check them under it"
+        )
+    return rule
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (integer views: -0.0 != +0.0, NaN payloads compared)."""
     if a.dtype != b.dtype or a.shape != b.shape:
@@ -115,8 +139,11 @@ def _not_an_export(shipped: Source, source: Source, rerun: str) -> ToolError:
     )
 
 
-def verify_export(dst: str, src: str, *, family: str | None = None, rerun: str = PARITY_RERUN) -> VerifyResult:
+def verify_export(
+    dst: str, src: str, *, family: str | None = None, recipe: str | None = None, rerun: str = PARITY_RERUN
+) -> VerifyResult:
     """Compare ``dst`` (an export) with its BF16 source ``src``; see the module docstring.
+    ``recipe``: a recipe name the export's rule must be the weight rule of (see :func:`export_rule`).
     ``rerun``: the command line a hint shows, with ``{dst}`` / ``{src}`` placeholders."""
     shipped = open_source(dst)
     source = open_source(src)
@@ -124,13 +151,14 @@ def verify_export(dst: str, src: str, *, family: str | None = None, rerun: str =
     if fmt is None:
         raise _not_an_export(shipped, source, rerun)
     block_size = export_block_size(shipped, fmt)
+    rule = export_rule(shipped, recipe)
     # the same refusals as the export (a quantized source, no routed experts, a family the format
     # cannot name, a wrong --layout): a check that compared no expert tensor never passes
     family = resolve_family(fmt, source, family)
-    preflight(source, fmt, family, block_size)
+    preflight(source, fmt, family, block_size, rule)
     by_name = {t.name: t for t in shipped.infos()}
     used = set()
-    result = VerifyResult(fmt, block_size)
+    result = VerifyResult(fmt, block_size, rule)
 
     def read(name):
         info = by_name.get(name)
@@ -151,14 +179,15 @@ def verify_export(dst: str, src: str, *, family: str | None = None, rerun: str =
             result.copied_tensors += 1
             continue
         result.expert_tensors += 1
-        expected = MXFP4Payload.quantize(layouts.blocked_view(t, info).contiguous(), block_size).dequantize(t.dtype)
+        expected = MXPayload.quantize(layouts.blocked_view(t, info).contiguous(), block_size, rule=rule).dequantize(t.dtype)
         for codes_name, scales_name, index in output_plan(name, tuple(t.shape), info, fmt, family):
             codes, scales = read(codes_name), read(scales_name)
             if codes is None or scales is None:
                 result.missing.extend(n for n, v in ((codes_name, codes), (scales_name, scales)) if v is None)
                 continue
             try:
-                shipped_payload = MXFP4Payload.from_blocks(codes, scales) if fmt == "gpt-oss" else MXFP4Payload(codes, scales, block_size)
+                shipped_payload = (MXPayload.from_blocks(codes, scales, rule) if fmt == "gpt-oss"
+                                   else MXPayload(codes, scales, block_size, rule))
                 decoded = shipped_payload.dequantize(t.dtype)
             except (TypeError, ValueError) as exc:
                 result.mismatches.append(f"{codes_name}: cannot decode ({exc})")
@@ -174,12 +203,12 @@ def verify_export(dst: str, src: str, *, family: str | None = None, rerun: str =
     return result
 
 
-def run_check(dst: str, src: str, *, family: str | None, rerun: str, json_path: str | None = None,
+def run_check(dst: str, src: str, *, family: str | None, recipe: str | None, rerun: str, json_path: str | None = None,
               report: dict | None = None) -> ExitCode:
     """The door both CLIs use: :func:`verify_export`, its summary on stdout, and (``json_path``) the
     report ``{**report, "mode": "export", ...}``. Returns the exit code (0 identical, 1 a difference);
     refusals raise :class:`~megatron_qat.tools.errors.ToolError` (exit 2)."""
-    result = verify_export(dst, src, family=family, rerun=rerun)
+    result = verify_export(dst, src, family=family, recipe=recipe, rerun=rerun)
     print(result.summary())
     if json_path:
         doc = {
@@ -190,6 +219,7 @@ def run_check(dst: str, src: str, *, family: str | None, rerun: str, json_path: 
             "exit_code": int(result.exit_code),
             "format": result.format,
             "block_size": result.block_size,
+            "rule": result.rule.name,
             "expert_tensors": result.expert_tensors,
             "copied_tensors": result.copied_tensors,
             "mismatches": result.mismatches,

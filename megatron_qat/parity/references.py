@@ -1,15 +1,17 @@
 """The three quantizers a parity run touches: the golden model, FlashInfer, and ours.
 
-Every reference has a ``block_size`` (the one it implements: the run compares in blocks of it) and
-maps a CPU tensor ``x [R, K]`` (bf16/fp16/fp32, finite rows) to ``(payload, values float32 [R, K])``
-on the CPU: an :class:`~megatron_qat.mxfp4.payload.MXFP4Payload` (codes uint8 ``[R, K/2]``, scales
-uint8 ``[R, K/block_size]``) and ``values``, that reference's own decode of them.
+Every reference implements one rule (:mod:`megatron_qat.numerics.rules`; the run checks ours under
+it) in blocks of its ``block_size``, and maps a CPU tensor ``x [R, K]`` (bf16/fp16/fp32, finite
+rows) to ``(payload, values float32 [R, K])`` on the CPU: an
+:class:`~megatron_qat.mxfp4.payload.MXPayload` (codes uint8 ``[R, K/2]``, scales uint8
+``[R, K/block_size]``) and ``values``, that reference's own decode of them.
 
-- :class:`GoldenReference` (:mod:`.golden`, NumPy, independent of megatron_qat.mxfp4): decodes
-  0x8 as -0.0.
+- :class:`GoldenReference` (:mod:`.golden`, NumPy, independent of megatron_qat.mxfp4): any of
+  the three E2M1 rules; decodes 0x8 as -0.0.
 - :class:`FlashInferReference`: ``flashinfer.fp4_quantize(x, None, 32, True,
-  is_sf_swizzled_layout=False)`` on CUDA, decoded by ``flashinfer.mxfp4_dequantize_host`` (CPU),
-  whose lookup table maps 0x8 to +0.0: value comparisons against it normalise -0.0 to +0.0.
+  is_sf_swizzled_layout=False)`` on CUDA (rule FLASHINFER_MXFP4 only), decoded by
+  ``flashinfer.mxfp4_dequantize_host`` (CPU), whose lookup table maps 0x8 to +0.0: value
+  comparisons against it normalise -0.0 to +0.0.
 - :class:`Ours`: ``megatron_qat.mxfp4.quantize`` / ``dequantize`` / ``fake_quantize``.
 """
 
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ..mxfp4.payload import MXFP4Payload
+from ..mxfp4.payload import MXPayload
 from ..numerics.constants import DEFAULT_BLOCK_SIZE
+from ..numerics.rules import FLASHINFER_MXFP4, Element, Rule, ScaleRounding
 from .canary import canary, canary_problems
 from .errors import ParityError
 
@@ -31,14 +34,23 @@ SM100_ONLY = (
 )
 
 
+def golden_arguments(rule: Rule) -> dict:
+    """``rule`` as :func:`.golden.quantize`'s plain arguments; ParityError for a rule it does not model."""
+    if rule.element is not Element.E2M1:
+        raise ParityError(f"rule {rule.name}: the golden model implements the E2M1 (MXFP4) rules only")
+    return {"scale": "even" if rule.scale is ScaleRounding.EVEN else "ceil", "ties": rule.ties.value, "ftz": rule.ftz}
+
+
 class GoldenReference:
     name = "golden"
     decodes_negative_zero = True  # 0x8 -> -0.0
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, rule: Rule = FLASHINFER_MXFP4):
         from . import golden
 
         self.reason = reason
+        self.rule = rule
+        self.arguments = golden_arguments(rule)
         self.block_size = golden.BLOCK
 
     def unsupported(self, dtype: torch.dtype) -> str | None:
@@ -47,15 +59,17 @@ class GoldenReference:
     def quantize(self, x: torch.Tensor):
         from . import golden
 
-        codes, scales = golden.quantize(x.float().numpy())
+        codes, scales = golden.quantize(x.float().numpy(), **self.arguments)
         values = golden.decode(codes, scales)
-        return MXFP4Payload(torch.from_numpy(codes), torch.from_numpy(scales), self.block_size), torch.from_numpy(values)
+        return MXPayload(torch.from_numpy(codes), torch.from_numpy(scales), self.block_size, self.rule), torch.from_numpy(values)
 
     def describe(self) -> dict:
         return {
             "name": self.name,
             "reason": self.reason,
-            "implementation": "megatron_qat.parity.golden (NumPy, independent of megatron_qat.mxfp4)",
+            "implementation": "megatron_qat.parity.golden (NumPy, independent of megatron_qat.mxfp4), "
+            + ", ".join(f"{k}={v!r}" for k, v in self.arguments.items()),
+            "rule": self.rule.name,
             "decodes_0x8_as": "-0.0",
             "negative_zero_normalised": False,
         }
@@ -64,6 +78,8 @@ class GoldenReference:
 class FlashInferReference:
     name = "flashinfer"
     decodes_negative_zero = False  # mxfp4_dequantize_host's table maps 0x8 to +0.0
+
+    rule = FLASHINFER_MXFP4  # fp4_quantize(sf_use_ue8m0=True) is this rule; no other
 
     def __init__(self, flashinfer_module, device: str, reason: str):
         self.fi = flashinfer_module
@@ -94,7 +110,7 @@ class FlashInferReference:
         # flat buffer, newer ones [rows, K/32]; both start with the same bytes).
         scales = sf.view(torch.uint8).reshape(-1)[: rows * (k // bs)].reshape(rows, k // bs).cpu().contiguous()
         values = self.fi.mxfp4_dequantize_host(codes, scales, bs).float()
-        return MXFP4Payload(codes, scales, bs), values
+        return MXPayload(codes, scales, bs, self.rule), values
 
     def check_canary(self) -> None:
         x, _, _, _ = canary()
@@ -120,6 +136,7 @@ class FlashInferReference:
             "decodes_0x8_as": "+0.0",
             "negative_zero_normalised": True,
             "canary": "passed",
+            "rule": self.rule.name,
         }
 
 
@@ -136,14 +153,21 @@ def _import_flashinfer():
     return flashinfer
 
 
-def choose_reference(choice: str, allow_unsupported_gpu: bool):
-    """``auto`` / ``golden`` / ``flashinfer`` -> a reference (canary already passed for FlashInfer).
+def choose_reference(choice: str, allow_unsupported_gpu: bool, rule: Rule = FLASHINFER_MXFP4):
+    """``auto`` / ``golden`` / ``flashinfer`` -> a reference of ``rule`` (canary already passed for FlashInfer).
 
-    Raises ParityError (exit 2) when ``flashinfer`` is requested but unusable."""
+    Raises ParityError (exit 2) when ``flashinfer`` is requested but unusable (or cannot make ``rule``)."""
     if choice == "golden":
-        return GoldenReference("requested with --reference golden")
+        return GoldenReference("requested with --reference golden", rule)
     if allow_unsupported_gpu and choice != "flashinfer":
         raise ParityError("--allow-unsupported-gpu only applies to --reference flashinfer")
+    if rule is not FLASHINFER_MXFP4:
+        if choice == "flashinfer":
+            raise ParityError(
+                f"--reference flashinfer: fp4_quantize makes rule {FLASHINFER_MXFP4.name}, not {rule.name} (the recipe's "
+                "weight rule); use --reference golden"
+            )
+        return GoldenReference(f"auto: FlashInfer has no quantizer of rule {rule.name}", rule)
     if not torch.cuda.is_available():
         if choice == "flashinfer":
             raise ParityError("--reference flashinfer needs a CUDA GPU; none is visible. Use --reference golden.")
@@ -172,13 +196,14 @@ def choose_reference(choice: str, allow_unsupported_gpu: bool):
 
 
 class Ours:
-    """megatron_qat.mxfp4 on ``device`` with ``impl`` (None: its own dispatch), in blocks of
-    ``block_size`` (the reference's)."""
+    """megatron_qat.mxfp4 on ``device`` with ``impl`` (None: its own dispatch), under the
+    reference's rule and in blocks of its ``block_size``."""
 
-    def __init__(self, device: str, impl: str | None, block_size: int):
+    def __init__(self, device: str, impl: str | None, block_size: int, rule: Rule = FLASHINFER_MXFP4):
         self.device = device
         self.impl = impl
         self.block_size = block_size
+        self.rule = rule
 
     def check(self, dtypes) -> None:
         """Before the run: the requested implementation (``--impl`` / ``MEGATRON_QAT_KERNEL``) can run on
@@ -202,10 +227,10 @@ class Ours:
         from megatron_qat import mxfp4
 
         xd = x.to(self.device)
-        payload = MXFP4Payload.quantize(xd, self.block_size, impl=self.impl)
+        payload = MXPayload.quantize(xd, self.block_size, rule=self.rule, impl=self.impl)
         dq = payload.dequantize(torch.float32)
-        fq = mxfp4.fake_quantize(xd, self.block_size, impl=self.impl)
+        fq = mxfp4.fake_quantize(xd, self.block_size, impl=self.impl, rule=self.rule)
         return payload.cpu(), dq.cpu(), fq.cpu()
 
     def describe(self) -> dict:
-        return {"module": "megatron_qat.mxfp4", "device": self.device, "impl_requested": self.impl}
+        return {"module": "megatron_qat.mxfp4", "device": self.device, "impl_requested": self.impl, "rule": self.rule.name}

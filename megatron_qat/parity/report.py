@@ -1,5 +1,5 @@
 """What a parity run prints (table + summary on stdout) and writes (``--json``, schema in
-docs/parity.md, ``"schema": "megatron-qat.parity/2"``).
+docs/parity.md, ``"schema": "megatron-qat.parity/3"``).
 
 The summary line's head says what the exit code means: ``PARITY OK`` (0; ``PARITY OK (SAMPLED)``
 when ``--sample-rows`` chose a subset), ``PARITY MISMATCH`` (1), ``PARITY INCOMPLETE`` (3, or 0
@@ -13,7 +13,7 @@ import math
 from ..tools.progress import count
 from .compare import NOT_COMPARED, TensorResult
 
-SCHEMA = "megatron-qat.parity/2"
+SCHEMA = "megatron-qat.parity/3"
 
 
 def totals(results: list[TensorResult]) -> dict:
@@ -40,16 +40,20 @@ def summary_line(doc: dict) -> str:
     where = f"ours=megatron_qat.mxfp4[{','.join(ours['impls']) or '-'}] on {ours['device']}"
     status, reasons = doc["status"], "; ".join(doc["incomplete"])
     sampled = f"; sampled {t['rows_selected']} of {t['rows_total']} rows (--sample-rows)" if doc["sampled"] else ""
+    act = doc.get("activations")
+    activations = "" if act is None else f"; activation rule {act['rule']}: {act['status']}" + (
+        f" ({act['code_mismatches']} codes, {act['scale_mismatches']} scales, {act['value_mismatches']} values differ)"
+        if act["status"] == "mismatch" else "")
     if status == "nothing compared":
         return f"PARITY NOT RUN (INCOMPLETE): nothing compared of {t['tensors_selected']} selected tensors: {reasons} (see the table)"
     if status == "mismatch":
         head = "PARITY MISMATCH"
         body = (
-            f"{t['tensors_mismatched']} tensor(s) differ from {ref}: {t['code_mismatches']} codes, {t['scale_mismatches']} "
+            f"{t['tensors_mismatched']} tensor(s) differ from {ref} under rule {doc['rule']}: {t['code_mismatches']} codes, {t['scale_mismatches']} "
             f"scales, {t['value_mismatches']} values, {t['dequant_mismatches']} fp32 decodes; max |diff| {t['max_abs_diff']}"
         )
     else:
-        body = f"codes, scale bytes and values bit-identical to {ref}"
+        body = f"codes, scale bytes and values bit-identical to {ref} under rule {doc['rule']}"
         if status == "incomplete":
             head = "PARITY OK (INCOMPLETE, allowed by --allow-incomplete)" if doc["exit_code"] == 0 else "PARITY INCOMPLETE"
         else:
@@ -57,7 +61,7 @@ def summary_line(doc: dict) -> str:
     extra = f"; INCOMPLETE: {reasons}" if reasons else ""
     return (
         f"{head}: {t['tensors_compared'] - t['tensors_not_compared']} tensors, {count(t['elements_compared'])} elements, {body} "
-        f"(reference={ref}: {doc['reference']['reason']}; {where}){sampled}{extra}"
+        f"(reference={ref}: {doc['reference']['reason']}; {where}){activations}{sampled}{extra}"
     )
 
 

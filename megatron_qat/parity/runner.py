@@ -8,6 +8,11 @@ was compared). A usage or environment error is raised (a
 :class:`~megatron_qat.tools.errors.ToolError`); ``megatron_qat/cli.py`` prints it as one line
 (exit 2) after :func:`record_error` wrote it into the ``--json`` report where that path is writable.
 ``PATH --source SRC`` is the export check, :func:`megatron_qat.export.verify.run_check`.
+
+The rule checked is the WEIGHT rule of ``--recipe`` (default ``MEGATRON_QAT_RECIPE``, else
+``flashinfer-w4a16``: FlashInfer's MXFP4); a recipe with an MXFP8 activation rule also compares
+that with FlashInfer's activation quantizer where it runs (:mod:`.activations`): a mismatch there
+is exit 1, a comparison that could not run makes the run incomplete.
 """
 
 from __future__ import annotations
@@ -142,10 +147,12 @@ def incomplete_reasons(results: list[TensorResult]) -> list[str]:
     return reasons
 
 
-def outcome(results: list[TensorResult], allow_incomplete: bool) -> tuple[str, ExitCode, list[str]]:
-    """(status, exit code, incomplete reasons) of a finished run."""
+def outcome(results: list[TensorResult], allow_incomplete: bool, activations: dict | None = None) -> tuple[str, ExitCode, list[str]]:
+    """(status, exit code, incomplete reasons) of a finished run (``activations``: :mod:`.activations`' result)."""
     reasons = incomplete_reasons(results)
-    if any(r.mismatched for r in results):
+    if activations is not None and activations["status"] == "not compared":
+        reasons.append(f"activation rule {activations['rule']} not compared: {activations['reason']}")
+    if any(r.mismatched for r in results) or (activations is not None and activations["status"] == "mismatch"):
         return "mismatch", ExitCode.MISMATCH, reasons
     if not any(r.rows_compared for r in results):
         return "nothing compared", ExitCode.INCOMPLETE, reasons  # never a pass, --allow-incomplete or not
@@ -154,10 +161,21 @@ def outcome(results: list[TensorResult], allow_incomplete: bool) -> tuple[str, E
     return "equal", ExitCode.OK, reasons
 
 
+def _recipe(args: argparse.Namespace):
+    from .. import config
+    from ..numerics.rules import RECIPES
+
+    return RECIPES[args.recipe or config.recipe_name()]
+
+
 def _base_doc(args: argparse.Namespace, block_size: int | None) -> dict:
     from megatron_qat import __version__
 
     synthetic = args.synthetic or not args.paths
+    try:
+        recipe = _recipe(args)
+    except ValueError:  # a malformed MEGATRON_QAT_RECIPE: the error being recorded
+        recipe = None
     return {
         "schema": SCHEMA,
         "tool_version": __version__,
@@ -166,6 +184,8 @@ def _base_doc(args: argparse.Namespace, block_size: int | None) -> dict:
         "sources": ["synthetic"] if synthetic else list(args.paths),
         "include": None if synthetic else args.include,
         "block_size": block_size,
+        "recipe": recipe.name if recipe else None,
+        "rule": recipe.weights.name if recipe else None,
         "options": {
             "limit": args.limit, "sample_rows": args.sample_rows, "chunk_elements": args.chunk_elements,
             "layout": args.layout, "allow_incomplete": args.allow_incomplete,
@@ -179,8 +199,8 @@ def _run_export_check(args: argparse.Namespace) -> int:
         raise ParityError("--source SRC checks one MXFP4 export: give exactly one PATH (the export directory)")
     from ..export.verify import PARITY_RERUN, run_check
 
-    return run_check(args.paths[0], args.source, family=args.layout, rerun=PARITY_RERUN, json_path=args.json,
-                     report=_base_doc(args, None))
+    return run_check(args.paths[0], args.source, family=args.layout, recipe=args.recipe, rerun=PARITY_RERUN,
+                     json_path=args.json, report=_base_doc(args, None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,12 +230,14 @@ def run(args: argparse.Namespace) -> int:
         check_pairs(selected, layout["family"])
 
     from ..tools.progress import Progress
+    from .activations import check_activations
     from .references import Ours, choose_reference
 
-    reference = choose_reference(args.reference, args.allow_unsupported_gpu)
+    recipe = _recipe(args)
+    reference = choose_reference(args.reference, args.allow_unsupported_gpu, recipe.weights)
     block_size = reference.block_size
     compared = [e for e in selected if not e.skip_reason(block_size) and not reference.unsupported(e.dtype)]
-    ours = Ours(device, args.impl, block_size)
+    ours = Ours(device, args.impl, block_size, recipe.weights)
     ours.check({e.dtype for e in compared})
     planned = sum((min(e.rows, args.sample_rows) if args.sample_rows else e.rows) * e.k for e in compared)
     results = []
@@ -224,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
             results.append(_compare_tensor(entry, args, reference, ours, progress))
             progress.advance(items=1)
 
-    status, code, reasons = outcome(results, args.allow_incomplete)
+    activations = check_activations(recipe, args.reference, args.allow_unsupported_gpu, device, args.impl)
+    status, code, reasons = outcome(results, args.allow_incomplete, activations)
     doc = {
         **_base_doc(args, block_size),
         "status": status,
@@ -238,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         "totals": {**totals(results), "elapsed_s": round(time.perf_counter() - started, 3)},
         "notes": notes,
         "tensors": [r.to_json() for r in results],
+        "activations": activations,
     }
     print(table(results, args.max_rows_shown))
     for note in notes:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 
 from ..mxfp4.payload import MXPayload
-from ..numerics.constants import DEFAULT_BLOCK_SIZE
 from ..numerics.rules import FLASHINFER_MXFP8, Recipe
 from . import references as refs
 from .errors import ParityError
@@ -63,7 +62,7 @@ class FlashInferMXFP8:
     :data:`FLASHINFER_MXFP8`: ``x [R, K]`` (bf16/fp16, CPU) -> (payload, values float32 [R, K])."""
 
     rule = FLASHINFER_MXFP8
-    block_size = DEFAULT_BLOCK_SIZE  # mxfp8_quantize's fixed sf vector
+    block_size = refs.SF_VEC_SIZE  # FlashInfer's one MX block (mxfp8_quantize's scale vector too)
 
     def __init__(self, flashinfer_module, device: str):
         self.fi = flashinfer_module

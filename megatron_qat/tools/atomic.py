@@ -2,9 +2,9 @@
 
 Both create new files and directories with the usual permissions, ``0o666`` / ``0o777`` masked by
 the process umask (``tempfile.mkstemp`` / ``mkdtemp`` would make them 0600 / 0700, unreadable by a
-serving process of another user), and both hold SIGINT / SIGTERM / SIGHUP back while they create,
-publish or remove something (:func:`megatron_qat.tools.signals.deferred`), so a signal can never
-leave a temporary file or directory behind; SIGKILL and power loss can.
+serving process of another user), and both hold an interruption back while they create, publish
+or remove something (:func:`megatron_qat.tools.signals.deferred`), so SIGINT / SIGTERM / SIGHUP can
+never leave a temporary file or directory behind; SIGKILL and power loss can.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ files (all of them, sorted). :func:`open_checkpoint` reads only the headers: eac
 :class:`TensorInfo` (name, file, shape, safetensors dtype name); data is read when asked, a whole
 tensor or a slice (``safe_open(...).get_slice(name)[index]``, so a 20 GB shard is never loaded).
 
+Every call into safetensors (Rust) holds an interruption back (:func:`megatron_qat.tools.signals.deferred`):
+the Python exception a SIGTERM handler raises inside it would come out as some other error
+(measured: ``could not determine the shape of object type 'torch.storage.UntypedStorage'`` from
+``get_tensor``, i.e. exit 2 with a false message), so :class:`~megatron_qat.tools.signals.Interrupted`
+is raised when the call returns. A shard being written is finished first.
+
 Every failure is a :class:`~megatron_qat.tools.errors.CheckpointError` naming the file: a path
 that does not exist, a file of another type, a truncated / corrupt file (safetensors checks that
 the header is valid JSON and that its offsets cover the file exactly), an index that is not a JSON
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..numerics.format import SUPPORTED_DTYPES
+from . import signals
 from .errors import CheckpointError
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -95,34 +102,40 @@ class SafetensorsFile:
 
         self.path = path
         try:
-            self._handle = safetensors.safe_open(path, framework="pt", device="cpu")
+            with signals.deferred():
+                self._handle = safetensors.safe_open(path, framework="pt", device="cpu")
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot open ({exc.strerror or type(exc).__name__})") from None
         except Exception as exc:  # SafetensorError: bad header, truncated, not a safetensors file at all
             raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt (header: {_reason(exc)})") from None
 
     def names(self) -> list[str]:
-        return list(self._handle.keys())
+        with signals.deferred():
+            return list(self._handle.keys())
 
     def infos(self, names: list[str] | None = None) -> list[TensorInfo]:
         """Every tensor's info (``names``: only these, in this order)."""
         out = []
         for name in self.names() if names is None else names:
-            sl = self._handle.get_slice(name)
-            out.append(TensorInfo(name, self.path, tuple(int(d) for d in sl.get_shape()), sl.get_dtype()))
+            with signals.deferred():
+                sl = self._handle.get_slice(name)
+                shape, dtype = tuple(int(d) for d in sl.get_shape()), sl.get_dtype()
+            out.append(TensorInfo(name, self.path, shape, dtype))
         return out
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` (CPU)."""
         try:
-            return self._handle.get_tensor(name)
+            with signals.deferred():
+                return self._handle.get_tensor(name)
         except Exception as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {name} ({_reason(exc)})") from None
 
     def read_slice(self, name: str, index: tuple) -> torch.Tensor:
         """``tensor[index]`` of ``name``, reading only those elements (``index``: ints and slices)."""
         try:
-            return self._handle.get_slice(name)[index]
+            with signals.deferred():
+                return self._handle.get_slice(name)[index]
         except Exception as exc:
             raise CheckpointError(f"{self.path}: reading {name}[{_index_text(index)}] failed ({_reason(exc)})") from None
 
@@ -231,7 +244,8 @@ def save(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
     from .atomic import umask
 
     try:
-        save_file(tensors, path, metadata=metadata)
+        with signals.deferred():
+            save_file(tensors, path, metadata=metadata)
         os.chmod(path, 0o666 & ~umask())
     except OSError:
         raise

@@ -7,8 +7,13 @@ thread instead, so ``with`` blocks and ``finally`` clauses remove what was half-
 command then prints one line and ends by the same signal (:func:`end_by`), so its parent (a shell,
 ``timeout``, Slurm) sees a process killed by that signal (shell status 128 + N).
 
-:func:`deferred` holds the three signals back during a critical section (create a directory and
-remember it; remove it; publish it) and delivers them when it ends.
+:func:`deferred` holds :class:`Interrupted` back during a critical section (create a directory and
+remember it; remove it; publish it) or a call into foreign code (safetensors' Rust calls back into
+Python, and an exception raised there comes out as another error): a signal that arrives meanwhile
+is recorded by the handler, and raised when the section ends. Blocking the signal instead
+(``pthread_sigmask``) would not do: it masks the calling thread only, and the kernel hands a
+process-directed signal to any thread that does not mask it (torch's worker threads), whose C
+handler then trips the flag the main thread acts on.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ import signal
 import threading
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# the process's signal state (main thread only): how deep in deferred() sections it is, and the
+# signals that arrived there, to be raised when the outermost section ends
+_depth = 0
+_pending: list[int] = []
 
 
 class Interrupted(BaseException):
@@ -31,6 +40,9 @@ class Interrupted(BaseException):
 
 
 def _raise(signum, frame):
+    if _depth:
+        _pending.append(signum)
+        return
     raise Interrupted(signum)
 
 
@@ -42,6 +54,7 @@ def raising():
         yield
         return
     previous = {s: signal.signal(s, _raise) for s in HANDLED}
+    _pending.clear()
     try:
         yield
     finally:
@@ -51,17 +64,22 @@ def raising():
 
 @contextlib.contextmanager
 def deferred():
-    """Hold SIGINT, SIGTERM and SIGHUP back within (they stay pending); deliver them at the end."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    """Within, a handled signal is recorded, not raised; the outermost section's end raises
+    :class:`Interrupted` for the first one (the code inside ran to its end, or to its own error)."""
+    global _depth
+    _depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _depth -= 1
+        if not _depth and _pending:
+            signum = _pending[0]
+            _pending.clear()
+            raise Interrupted(signum)
 
 
 def end_by(signum: int) -> None:
     """End this process by ``signum`` with its default action (what a shell expects of a child that
     was killed by it); returns only if the signal does not end the process."""
     signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
     os.kill(os.getpid(), signum)

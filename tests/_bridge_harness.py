@@ -37,6 +37,8 @@ import types
 
 import torch
 
+from te_standin import StandInGroupedLinear
+
 BRIDGE_VERSION = "0.6.2"
 WORLD = 2
 H, I, E, LAYERS, VOCAB = 64, 64, 4, 2, 128  # hidden, moe_ffn_hidden_size, experts, layers, vocab
@@ -133,31 +135,29 @@ def install_te_import_standin() -> None:
 # ------------------------------------------------------------------ expert grouped linear stand-ins
 
 
-def _grouped_linear_classes():
-    from te_standin import StandInGroupedLinear
+class GroupedLinear(StandInGroupedLinear):
+    """megatron-core 0.19.2 ``TEGroupedLinear.__init__`` shard sizes on the stand-in (what
+    ``megatron.core.extensions.transformer_engine.TEGroupedLinear`` is set to in :func:`build_model`)."""
 
-    class GroupedLinear(StandInGroupedLinear):
-        """megatron-core 0.19.2 ``TEGroupedLinear.__init__`` shard sizes on the stand-in."""
+    parallel_mode = ""
 
-        parallel_mode = ""
+    def __init__(self, num_gemms, input_size, output_size, *, config, pg_collection=None, bias=False, **_):
+        etp = pg_collection.expt_tp.size() if pg_collection is not None and pg_collection.expt_tp is not None else 1
+        if self.parallel_mode == "column":
+            output_size //= etp
+        elif self.parallel_mode == "row":
+            input_size //= etp
+        super().__init__(num_gemms, input_size, output_size, dtype=config.params_dtype)
+        self.config = config
+        assert not bias, "the harness model has no expert biases"
 
-        def __init__(self, num_gemms, input_size, output_size, *, config, pg_collection=None, bias=False, **_):
-            etp = pg_collection.expt_tp.size() if pg_collection is not None and pg_collection.expt_tp is not None else 1
-            if self.parallel_mode == "column":
-                output_size //= etp
-            elif self.parallel_mode == "row":
-                input_size //= etp
-            super().__init__(num_gemms, input_size, output_size, dtype=config.params_dtype)
-            self.config = config
-            assert not bias, "the harness model has no expert biases"
 
-    class TEColumnParallelGroupedLinear(GroupedLinear):
-        parallel_mode = "column"
+class TEColumnParallelGroupedLinear(GroupedLinear):
+    parallel_mode = "column"
 
-    class TERowParallelGroupedLinear(GroupedLinear):
-        parallel_mode = "row"
 
-    return GroupedLinear, TEColumnParallelGroupedLinear, TERowParallelGroupedLinear
+class TERowParallelGroupedLinear(GroupedLinear):
+    parallel_mode = "row"
 
 
 # ------------------------------------------------------------------ model and weights
@@ -194,8 +194,7 @@ def build_model(ep: int, etp: int, qk_layernorm: bool = True):
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    base, column, row = _grouped_linear_classes()
-    ext.TEGroupedLinear = base  # what megatron_qat.export finds the experts by
+    ext.TEGroupedLinear = GroupedLinear  # what megatron_qat.export finds the experts by
     config = TransformerConfig(
         num_layers=LAYERS, hidden_size=H, num_attention_heads=4, num_query_groups=2, kv_channels=16,
         ffn_hidden_size=2 * H, num_moe_experts=E, moe_ffn_hidden_size=I, moe_router_topk=2, gated_linear_unit=True,
@@ -204,7 +203,8 @@ def build_model(ep: int, etp: int, qk_layernorm: bool = True):
         expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, bias_dropout_fusion=False,
     )
     spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=True, qk_layernorm=qk_layernorm, normalization="RMSNorm")
-    experts = functools.partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(linear_fc1=column, linear_fc2=row))
+    experts = functools.partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear,
+                                                                              linear_fc2=TERowParallelGroupedLinear))
     spec.submodules.mlp = functools.partial(MoELayer, submodules=MoESubmodules(experts=experts))
     model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=32, position_embedding_type="rope")
     ep_rank = parallel_state.get_expert_model_parallel_rank()

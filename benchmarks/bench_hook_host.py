@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     import torch
 
     import megatron_qat
-    from megatron_qat.megatron import weight_cache
+    from megatron_qat.megatron import current
+    from megatron_qat.megatron.cache import STATE_ATTR
 
     torch.set_num_threads(1)
     cls = _layer_cls()
@@ -90,21 +91,22 @@ def main(argv=None) -> int:
     megatron_qat.enable(32)
     layer.is_first_microbatch = True
     layer(torch.randn(args.experts, args.hidden, dtype=torch.bfloat16), [1] * args.experts)  # the miss
-    layer.__dict__[weight_cache.FLAG_ATTR] = False  # as inside TE's forward on a later micro-batch
-    weight_cache.reset_stats()
+    layer.__dict__[STATE_ATTR].flag = False  # as inside TE's forward on a later micro-batch
+    runtime = current()
+    runtime.reset_stats()
     rows = []
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             hook = _interleaved({"off": lambda: unpatched(layer), "on": layer._get_weight_tensors},
                                 args.calls, args.repeats)
         rows.append((f"hook, {'grad' if grad else 'no_grad'}", hook["off"], hook["on"]))
-    stats = weight_cache.stats()
+    stats = runtime.stats()
     assert stats.misses == 0 and stats.uncached == 0 and stats.hits == 2 * (args.repeats + 1) * args.calls, stats
 
     def noop(self, inp, m_splits, is_first_microbatch=None):
         return inp
 
-    wrapped = weight_cache.make_forward_wrapper(noop)
+    wrapped = runtime._forward_wrapper(noop)  # what enable() installs on TE's GroupedLinear.forward
     x = torch.empty(0)
     fw = _interleaved({"off": lambda: noop(layer, x, None, is_first_microbatch=False),
                        "on": lambda: wrapped(layer, x, None, is_first_microbatch=False)}, args.calls, args.repeats)

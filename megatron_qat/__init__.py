@@ -19,11 +19,12 @@ Importing this package is cheap: torch and the frameworks load only when a submo
 __version__ = "0.1.0"
 
 
-def enable(block_size=None):
-    """Turn MXFP4 fake-QAT on for Megatron's TEGroupedLinear (see :func:`megatron_qat.megatron.enable`)."""
+def enable(block_size=None, recipe=None):
+    """Turn MXFP4 fake-QAT on for Megatron's TEGroupedLinear (see :func:`megatron_qat.megatron.enable`);
+    ``recipe`` names the engine configuration to train against (docs/engines.md)."""
     from .megatron import enable as _enable
 
-    return _enable(block_size)
+    return _enable(block_size, recipe)
 
 
 def disable():
@@ -51,7 +52,7 @@ def invalidate_cache():
     """Forget every cached fake-quantized expert weight copy: call it after changing expert weights
     in a way the cache cannot see (a write through ``param.data`` or another tensor sharing the
     storage, outside an optimizer step; docs/usage.md, "Cache contract")."""
-    from .megatron.weight_cache import invalidate_cache as _invalidate_cache
+    from .megatron import invalidate_cache as _invalidate_cache
 
     return _invalidate_cache()
 

@@ -9,24 +9,27 @@
 | ``MEGATRON_QAT_KERNEL`` | ``reference``, ``triton`` (forces the numerics implementation) | auto |
 | ``MEGATRON_QAT_CACHE`` | ``1`` cache the fake-quantized weights per optimizer step, ``0`` fake-quantize every call | ``1`` |
 | ``MEGATRON_QAT_METRICS_INTERVAL`` | a non-negative integer N: statistics every N steps, ``0`` off | Megatron's ``--log-interval`` |
+| ``MEGATRON_QAT_RECIPE`` | a recipe name of :data:`megatron_qat.numerics.rules.RECIPES` (docs/engines.md) | ``flashinfer-w4a16`` |
 
 One rule for every variable (:func:`read`): the value is stripped of surrounding whitespace; an
 unset or empty variable takes its default; anything else must be exactly one of the accepted values
 (case-sensitive), or a :class:`ValueError` names the variable, the value and the accepted values.
-With the MXFP4 flag on, an unknown ``MEGATRON_QAT_*`` or ``OPEN_TRAINING_MXFP4_*`` variable (a typo
-that would otherwise be silently ignored) is an error too.
+An unknown ``MEGATRON_QAT_*`` or ``OPEN_TRAINING_MXFP4_*`` variable (a typo such as
+``OPEN_TRAINING_MXFP4_FAKE_QAT=1``, which would otherwise train silently without fake-QAT) is an
+error too, flag on or off (:func:`check_names`, naming the closest known name).
 
 This module imports nothing heavy (no torch): it is safe at interpreter start.
 """
 
 from __future__ import annotations
 
-import logging
+import difflib
 import os
 from dataclasses import dataclass
 from typing import Mapping
 
 from .numerics.constants import DEFAULT_BLOCK_SIZE  # the one definition (torch-free)
+from .numerics.rules import DEFAULT_RECIPE, RECIPES
 
 MXFP4_FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
 MXFP4_BLOCK_SIZE = "OPEN_TRAINING_MXFP4_BLOCK_SIZE"
@@ -35,6 +38,7 @@ AUTOLOAD = "MEGATRON_QAT_AUTOLOAD"
 KERNEL = "MEGATRON_QAT_KERNEL"
 CACHE = "MEGATRON_QAT_CACHE"
 METRICS_INTERVAL = "MEGATRON_QAT_METRICS_INTERVAL"
+RECIPE = "MEGATRON_QAT_RECIPE"
 
 _ON_OFF = {"1": True, "0": False}
 KERNEL_CHOICES = {"reference": "reference", "triton": "triton"}
@@ -51,11 +55,9 @@ VARIABLES = {
         "a non-negative integer (N > 0: statistics every N steps; 0: off)",
         "follow Megatron's --log-interval",
     ),
+    RECIPE: (", ".join(f'"{name}"' for name in RECIPES) + " (docs/engines.md)", DEFAULT_RECIPE),
 }
 _OWN_PREFIXES = ("MEGATRON_QAT_", "OPEN_TRAINING_MXFP4_")
-
-_log = logging.getLogger("megatron_qat")
-_warned_block_sizes: set[int] = set()
 
 
 def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -109,6 +111,17 @@ def metrics_interval(environ: Mapping[str, str] | None = None) -> int | None:
     return int(text, 10)
 
 
+def recipe_name(environ: Mapping[str, str] | None = None) -> str:
+    """``MEGATRON_QAT_RECIPE`` read by :func:`read`: a name of ``RECIPES`` (unset/empty: the default)."""
+    return read(RECIPE, {name: name for name in RECIPES}, DEFAULT_RECIPE, environ)
+
+
+def own_names_present(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether any ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name is set (the autoload's second
+    condition: a misspelt flag must still be checked where Megatron is imported)."""
+    return any(name.startswith(_OWN_PREFIXES) for name in _environ(environ))
+
+
 def flag_requested(environ: Mapping[str, str] | None = None) -> bool:
     """Whether the MXFP4 flag is anything but unset/empty/``"0"`` -- the autoload ``.pth``'s condition.
     A malformed value (``yes``) counts as requested, so that it ends in :func:`read`'s error."""
@@ -117,14 +130,15 @@ def flag_requested(environ: Mapping[str, str] | None = None) -> bool:
 
 @dataclass(frozen=True)
 class FakeQATConfig:
-    """What the environment asks for: ``enabled``, the MXFP4 ``block_size`` and ``autoload``."""
+    """What the environment asks for: ``enabled``, the ``block_size``, ``autoload`` and the ``recipe`` name."""
 
     enabled: bool
     block_size: int = DEFAULT_BLOCK_SIZE
     autoload: bool = True
+    recipe: str = DEFAULT_RECIPE
 
 
-def _block_size(environ: Mapping[str, str], warn: bool) -> int:
+def _block_size(environ: Mapping[str, str]) -> int:
     raw = environ.get(MXFP4_BLOCK_SIZE)
     if raw is None or raw.strip() == "":
         return DEFAULT_BLOCK_SIZE
@@ -132,32 +146,31 @@ def _block_size(environ: Mapping[str, str], warn: bool) -> int:
     value = int(text) if text.isdigit() and text.isascii() else -1
     if value <= 0 or value % 2:
         raise reject(MXFP4_BLOCK_SIZE, raw)
-    if warn and value != DEFAULT_BLOCK_SIZE and value not in _warned_block_sizes:
-        _warned_block_sizes.add(value)
-        _log.warning(
-            "%s=%d: FlashInfer's MXFP4 kernels implement only block size 32; %d is an ablation and "
-            "will not match what the rollout engine ships",
-            MXFP4_BLOCK_SIZE,
-            value,
-            value,
-        )
     return value
 
 
-def _check_unknown(environ: Mapping[str, str]) -> None:
-    unknown = sorted(n for n in environ if n.startswith(_OWN_PREFIXES) and n not in VARIABLES)
+def check_names(environ: Mapping[str, str] | None = None) -> None:
+    """Raise ValueError for a set ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name that is not a
+    variable of the table, naming the closest known one."""
+    env = _environ(environ)
+    unknown = sorted(n for n in env if n.startswith(_OWN_PREFIXES) and n not in VARIABLES)
     if unknown:
-        known = ", ".join(n for n in VARIABLES if n.startswith(_OWN_PREFIXES))
-        raise ValueError(f"unknown megatron-qat variable(s) {', '.join(unknown)}: accepted names are {known}")
+        known = [n for n in VARIABLES if n.startswith(_OWN_PREFIXES)]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ValueError(f"unknown megatron-qat variable(s) {', '.join(hints)}: accepted names are {', '.join(known)}")
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> FakeQATConfig:
     """Read the fake-QAT settings from ``environ`` (``None`` means ``os.environ``).
 
-    Every variable of the table is checked by :func:`read`'s rule, whether or not the flag is on.
+    Every variable of the table is checked by :func:`read`'s rule, and every set name with our
+    prefixes by :func:`check_names`, whether or not the flag is on.
 
     Raises:
-        ValueError: a variable holds a value outside its accepted set, or (flag on) an unknown
+        ValueError: a variable holds a value outside its accepted set, or an unknown
             ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name is set.
         RuntimeError: both ``OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG`` and
             ``OPEN_TRAINING_INT4_FAKE_QAT_FLAG`` are "1" (the two fake-QAT modes are exclusive).
@@ -169,11 +182,12 @@ def from_env(environ: Mapping[str, str] | None = None) -> FakeQATConfig:
     kernel_choice(env)
     caching(env)
     metrics_interval(env)
-    if enabled:
-        _check_unknown(env)
+    recipe = recipe_name(env)
+    block_size = _block_size(env)
+    check_names(env)
     if enabled and int4:
         raise RuntimeError(
             f"{MXFP4_FLAG}=1 and {INT4_FLAG}=1 are both set: MXFP4 and INT4 fake-QAT are mutually "
             "exclusive; unset one of them"
         )
-    return FakeQATConfig(enabled=enabled, block_size=_block_size(env, warn=enabled), autoload=autoload)
+    return FakeQATConfig(enabled=enabled, block_size=block_size, autoload=autoload, recipe=recipe)

@@ -60,10 +60,12 @@ import megatron.core.transformer.moe.moe_layer as ml
 import megatron.core.extensions.transformer_engine as te
 print("at_start", at_start)
 print("half_way", ml.HALF_WAY_ENABLED)
-from megatron_qat.megatron import patch
-hook = patch.installed_function(patch.HOOK)
+from megatron_qat.megatron import current
+from megatron_qat.megatron.runtime import HOOK, MOE_INIT
+runtime = current()
+hook = runtime.patched(HOOK) if runtime is not None else None
 print("hook", hook is not None and te.TEGroupedLinear.__dict__.get("_get_weight_tensors") is hook)
-init = patch.installed_function(patch.MOE_INIT)
+init = runtime.patched(MOE_INIT) if runtime is not None else None
 print("init", init is not None and ml.MoELayer.__dict__["__init__"] is init)
 """
 
@@ -94,6 +96,32 @@ def test_autoload_off_switch(mini_megatron):
     r = _run(CHECK, {FLAG: "1", "MEGATRON_QAT_AUTOLOAD": "0"}, [mini_megatron])
     assert r.returncode == 0, r.stderr
     assert "hook False" in r.stdout and "init False" in r.stdout
+
+
+MISSPELT = """
+import torch
+def attempt(code):
+    try:
+        exec(code, {})
+        return "ok"
+    except Exception as exc:
+        return type(exc).__name__ + ": " + str(exc)
+print("import", attempt("import megatron.core.transformer.moe.moe_layer"))
+print("again", attempt("import megatron.core.transformer.moe.moe_layer"))
+print("step", attempt("import torch; p = torch.nn.Parameter(torch.zeros(1)); torch.optim.SGD([p], lr=1.0).step()"))
+"""
+
+
+def test_misspelt_flag_fails_the_megatron_import_and_stays_failed(mini_megatron):
+    """Issue 17: ``OPEN_TRAINING_MXFP4_FAKE_QAT=1`` (the flag misspelt) trained silently without
+    fake-QAT; now the Megatron import fails naming the closest name, and the failure is sticky."""
+    r = _run(MISSPELT, {"OPEN_TRAINING_MXFP4_FAKE_QAT": "1"}, [mini_megatron])
+    assert r.returncode == 0, r.stderr
+    out = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    want = "ValueError: unknown megatron-qat variable(s) OPEN_TRAINING_MXFP4_FAKE_QAT (did you mean OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG?)"
+    assert out["import"].startswith(want), out
+    assert out["again"].startswith(want), out
+    assert out["step"].startswith("FakeQATUnavailableError: SGD.step() refused"), out
 
 
 def test_bad_flag_value_fails_the_import(mini_megatron):

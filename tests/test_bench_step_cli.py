@@ -33,7 +33,8 @@ def test_defaults_cover_the_issue_matrix():
     args = bench.parse_args([])
     assert sorted(args.shapes) == ["dsv3", "gptoss", "qwen3"]
     assert args.micro_batches == [1, 8] and args.seq_len == 4096 and args.layers >= 4
-    assert bench.VARIANTS == ("off", "cache", "cache+log", "nocache")
+    assert bench.VARIANTS == ("off", "cache", "cache+log", "nocache", "cache+mxfp8")
+    assert args.fit is True
     local = {k: s.local_experts for k, s in bench.SHAPES.items()}
     assert local == {"qwen3": 16, "gptoss": 16, "dsv3": 8}
     for s in bench.SHAPES.values():  # every expert K is a multiple of the MXFP4 block
@@ -55,14 +56,36 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 
 def test_targets_report_misses_with_the_amount():
     bench = _load()
-    host = {"hit": 25.0, "miss": 300.0, "uncached": None}
+    off = {"unpatched": 5.0, "hit": None, "miss": None, "uncached": None}
+    host = {"unpatched": None, "hit": 25.0, "miss": 50.0, "uncached": None}
+    row = dict(iqr=0.0, peak=2, counts=(0, 8, 0))
     rows = [
-        dict(shape="S", mb=1, variant="off", ms=10.0, iqr=0.0, overhead=0.0, host=host, peak=1, extra=0.0, counts=(0, 0, 0)),
-        dict(shape="S", mb=1, variant="cache", ms=10.2, iqr=0.0, overhead=2.0, host=host, peak=2, extra=1.0, counts=(0, 8, 0)),
-        dict(shape="S", mb=8, variant="cache", ms=10.3, iqr=0.0, overhead=3.0, host=host, peak=2, extra=1.5, counts=(56, 8, 0)),
+        dict(row, shape="S", mb=1, variant="off", ms=10.0, overhead=0.0, host=off, extra=0.0),
+        dict(row, shape="S", mb=1, variant="cache", ms=10.2, overhead=2.0, host=host, extra=1.0),
+        dict(row, shape="S", mb=8, variant="off", ms=10.0, overhead=0.0, host=off, extra=0.0),
+        dict(row, shape="S", mb=8, variant="cache", ms=10.3, overhead=3.0, host=host, extra=1.5),
+        dict(row, shape="S", mb=8, variant="cache+log", ms=10.8, overhead=8.0, host=host, extra=1.5),
+        dict(row, shape="S", mb=8, variant="cache+mxfp8", ms=10.5, overhead=5.0, host=host, extra=1.5),
     ]
     lines = bench._targets(rows, {"S": {"kernel_ms": 0.2}})
     assert any("1 micro-batch: +0.200 ms" in line and line.endswith("met") for line in lines)
     assert any("overhead +3.00%" in line and "MISSED by 2 points" in line for line in lines)
-    assert any("host 25.0 us" in line and "MISSED by 5 us" in line for line in lines)
+    assert any("host 25.0 us" in line and "patch adds 20.0 us" in line and "MISSED by 5 us" in line for line in lines)
+    assert any("host 50.0 us" in line and "on a miss" in line and line.endswith("met") for line in lines)
     assert any("1.50x" in line and "MISSED by 0.5x" in line for line in lines)
+    assert any("logging step costs +0.500 ms" in line and "MISSED by 0.1 ms" in line for line in lines)
+    assert any("MXFP8 activation QDQ" in line and "+1.90%" in line and line.endswith("met") for line in lines)
+
+
+def test_fit_shrinks_only_the_vocabulary_on_an_80_gb_card():
+    """Issue 14 item 5: gpt-oss and DSV3 shapes at 4 layers and full vocabulary ran out of memory on
+    an 80 GB H100; --fit scales the vocabulary (never the expert shapes) and says so."""
+    bench = _load()
+    args = bench.parse_args([])
+    h100 = 80 * 2**30
+    for key, shape in bench.SHAPES.items():
+        vocab, note = bench.fit_vocab(shape, args, h100)
+        assert bench.memory_estimate(shape, args.layers, vocab, args.seq_len) <= 0.75 * h100, key
+        assert (note is None) == (vocab == shape.vocab)
+    assert bench.fit_vocab(bench.SHAPES["dsv3"], args, h100)[0] == bench.FIT_VOCAB
+    assert bench.fit_vocab(bench.SHAPES["dsv3"], bench.parse_args(["--no-fit"]), h100) == (129280, None)

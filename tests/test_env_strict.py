@@ -71,22 +71,32 @@ def test_kernel_variable_is_checked_when_the_flag_is_read():
     assert config.kernel_choice({}) is None
 
 
-def test_unknown_own_variable_is_a_typo_error_with_the_flag_on():
-    with pytest.raises(ValueError, match=r"unknown megatron-qat variable\(s\) OPEN_TRAINING_MXFP4_BLOCKSIZE: accepted names"):
-        config.from_env({**ON, "OPEN_TRAINING_MXFP4_BLOCKSIZE": "16"})
-    assert config.from_env({"OPEN_TRAINING_MXFP4_BLOCKSIZE": "16"}).enabled is False  # flag off: not our business
-    assert config.from_env({**ON, "OPEN_TRAINING_SOMETHING_ELSE": "x"}).enabled  # another product's namespace
+@pytest.mark.parametrize("flag", [ON, {}], ids=["flag-on", "flag-off"])
+@pytest.mark.parametrize("typo, closest", [
+    ("OPEN_TRAINING_MXFP4_BLOCKSIZE", "OPEN_TRAINING_MXFP4_BLOCK_SIZE"),
+    ("OPEN_TRAINING_MXFP4_FAKE_QAT", "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"),  # the flag itself misspelt
+    ("MEGATRON_QAT_RECIPES", "MEGATRON_QAT_RECIPE"),
+])
+def test_unknown_own_variable_is_an_error_flag_on_or_off_naming_the_closest(flag, typo, closest):
+    """Issue 17: old code checked names only with the flag on, so a misspelt flag trained silently."""
+    with pytest.raises(ValueError, match=rf"unknown megatron-qat variable\(s\) {typo} \(did you mean {closest}\?\): accepted names"):
+        config.from_env({**flag, typo: "1"})
+    assert config.from_env({**flag, "OPEN_TRAINING_SOMETHING_ELSE": "x"}).enabled is bool(flag)  # another product's
 
 
-def test_pth_condition_matches_flag_requested():
-    """The one-line .pth cannot import config; its condition must be the same as config's."""
+def test_pth_condition_matches_flag_requested_or_own_names():
+    """The one-line .pth cannot import config; its condition must be the same as config's: the flag
+    is requested, or any own-prefixed name is set (a misspelt flag is checked at Megatron's import)."""
     line = (Path(config.__file__).parent / "_autoload.pth").read_text()
     condition = line.split("; ", 1)[1].rsplit(" and __import__", 1)[0]
-    for flag in ("", " ", "0", " 0", "1", "yes", " 1 "):
+    for flag in (None, "", " ", "0", " 0", "1", "yes", " 1 "):
         for autoload in (None, "", "0", " 0 ", "1", "maybe"):
-            env = {config.MXFP4_FLAG: flag, **({} if autoload is None else {config.AUTOLOAD: autoload})}
-            pth = bool(eval(condition, {"os": type("os", (), {"environ": env})}))  # noqa: S307
-            assert pth == (config.flag_requested(env) and (autoload or "").strip() != "0"), env
+            for extra in ({}, {"OPEN_TRAINING_MXFP4_FAKE_QAT": "1"}, {"PATH": "/bin"}):
+                env = {**({} if flag is None else {config.MXFP4_FLAG: flag}),
+                       **({} if autoload is None else {config.AUTOLOAD: autoload}), **extra}
+                pth = bool(eval(condition, {"os": type("os", (), {"environ": env})}))  # noqa: S307
+                want = (config.flag_requested(env) or config.own_names_present(env)) and (autoload or "").strip() != "0"
+                assert pth == want, env
 
 
 def test_autoload_maybe_fails_the_megatron_import_not_the_interpreter(tmp_path):

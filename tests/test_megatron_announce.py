@@ -71,9 +71,9 @@ def test_one_line_when_active_and_one_per_model_build(mini_megatron):
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("LOG megatron_qat INFO")]
     assert len(lines) == 3, r.stdout
-    assert "MXFP4 fake-QAT active" in lines[0] and "block_size=32" in lines[0] and "kernel=auto" in lines[0]
-    assert lines[1].endswith("6 TEGroupedLinear modules patched in 3 MoELayer(s), block_size=32, kernel=reference")
-    assert lines[2].endswith("2 TEGroupedLinear modules patched in 1 MoELayer(s), block_size=32, kernel=reference")
+    assert "MXFP4 fake-QAT active" in lines[0] and "recipe=flashinfer-w4a16" in lines[0] and "block_size=32" in lines[0] and "kernel=auto" in lines[0]
+    assert lines[1].endswith("6 TEGroupedLinear modules patched in 3 MoELayer(s), recipe=flashinfer-w4a16, block_size=32, kernel=reference")
+    assert lines[2].endswith("2 TEGroupedLinear modules patched in 1 MoELayer(s), recipe=flashinfer-w4a16, block_size=32, kernel=reference")
 
 
 def test_activation_line_once_per_activation(te_ext, caplog):

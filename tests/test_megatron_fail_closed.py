@@ -29,10 +29,15 @@ from _mini_megatron import write_mini_megatron  # noqa: E402
 from _megatron_fixtures import te_ext  # noqa: E402,F401
 
 import megatron_qat.megatron as mm  # noqa: E402
-from megatron_qat.megatron import FakeQATUnavailableError, failclosed  # noqa: E402
+from megatron_qat.megatron import FakeQATUnavailableError  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
+
+
+def _failure():
+    runtime = mm.current()
+    return None if runtime is None else runtime.failure
 
 
 def _step():
@@ -63,7 +68,7 @@ def test_swallowed_enable_from_env_blocks_moe_layer_build_and_optimizer_step(te_
     with pytest.raises(FakeQATUnavailableError):
         _step()  # still sticky
     mm.disable()  # explicit opt-out
-    assert failclosed.failed() is None
+    assert _failure() is None
     assert torch.equal(_step(), torch.full((2,), -1.0))
 
 
@@ -71,7 +76,7 @@ def test_import_error_on_the_way_becomes_our_error(te_ext, monkeypatch):
     def broken():
         raise ImportError("No module named 'transformer_engine_torch'")
 
-    monkeypatch.setattr("megatron_qat.megatron.patch.load_te_grouped_linear", broken)
+    monkeypatch.setattr("megatron_qat.megatron.runtime.load_te_grouped_linear", broken)
     with pytest.raises(FakeQATUnavailableError, match="transformer_engine_torch") as info:
         mm.enable_from_env({FLAG: "1"})
     assert not isinstance(info.value, ImportError) and isinstance(info.value.__cause__, ImportError)
@@ -81,7 +86,7 @@ def test_import_error_on_the_way_becomes_our_error(te_ext, monkeypatch):
 def test_flag_off_records_nothing(te_ext, monkeypatch):
     monkeypatch.setattr(te_ext, "TEGroupedLinear", None)
     assert mm.enable_from_env({}) is False
-    assert failclosed.failed() is None
+    assert _failure() is None
     _step()
 
 

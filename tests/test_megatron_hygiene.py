@@ -25,7 +25,8 @@ from te_standin import StandInGroupedLinear  # noqa: E402
 
 import megatron_qat.megatron as mm  # noqa: E402
 from megatron_qat import mxfp4  # noqa: E402
-from megatron_qat.megatron import guards, patch  # noqa: E402
+from megatron_qat.megatron import runtime as guards  # noqa: E402  (the guards live in the runtime module)
+from megatron_qat.megatron.runtime import HOOK  # noqa: E402
 
 NAME = "_get_weight_tensors"
 
@@ -70,7 +71,7 @@ def test_disable_never_deletes_a_foreign_wrapper_on_top(te_ext, caplog):
     assert calls == ["TEGroupedLinear", "TEGroupedLinear"]
     assert any("left in place" in r.getMessage() for r in caplog.records)
     mm.enable(32)  # wraps what is on top now
-    assert cls.__dict__[NAME] is patch.installed_function(patch.HOOK) and cls.__dict__[NAME].__wrapped__ is foreign
+    assert cls.__dict__[NAME] is mm.current().patched(HOOK) and cls.__dict__[NAME].__wrapped__ is foreign
     _assert_fake_quantized_once(layer)
     mm.disable()
     assert cls.__dict__[NAME] is foreign  # exactly what was there

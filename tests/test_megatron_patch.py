@@ -15,7 +15,8 @@ from te_standin import StandInGroupedLinear  # noqa: E402
 import megatron_qat  # noqa: E402
 import megatron_qat.megatron as mm  # noqa: E402
 from megatron_qat import mxfp4  # noqa: E402
-from megatron_qat.megatron import FakeQATUnavailableError, patch  # noqa: E402
+from megatron_qat.megatron import FakeQATUnavailableError  # noqa: E402
+from megatron_qat.megatron.runtime import HOOK, MOE_INIT  # noqa: E402
 
 
 def _moe_layer_cls():
@@ -33,9 +34,9 @@ def test_enable_wraps_and_disable_restores_exactly(te_ext):
     megatron_qat.enable()
     assert megatron_qat.is_enabled()
     wrapped = cls.__dict__["_get_weight_tensors"]
-    assert wrapped is patch.installed_function(patch.HOOK) and wrapped.__wrapped__ is inherited
+    assert wrapped is mm.current().patched(HOOK) and wrapped.__wrapped__ is inherited
     init = moe.__dict__["__init__"]
-    assert init is patch.installed_function(patch.MOE_INIT) and init.__wrapped__ is init_before
+    assert init is mm.current().patched(MOE_INIT) and init.__wrapped__ is init_before
     megatron_qat.disable()
     assert not megatron_qat.is_enabled()
     assert "_get_weight_tensors" not in cls.__dict__  # ours deleted, not replaced by the inherited one
@@ -153,9 +154,7 @@ def test_enable_from_env(te_ext):
         mm.enable_from_env({"OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG": "1", "OPEN_TRAINING_INT4_FAKE_QAT_FLAG": "1"})
     assert not mm.is_enabled()
     assert megatron_qat.enable_from_env({"OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG": "1", "OPEN_TRAINING_MXFP4_BLOCK_SIZE": "16"})
-    from megatron_qat.megatron import patch
-
-    assert patch._current_block_size() == 16
+    assert mm.current().block_size == 16
 
 
 def test_bad_block_size_is_refused(te_ext):

@@ -6,7 +6,8 @@
 - ``pp``: ``initialize_model_parallel(pipeline_model_parallel_size=2)``; rank 0 holds layer 1, rank
   1 holds layer 2: both ranks publish both layers (the label union), each equal to its own measure.
 
-Steps end through a real ``torch.optim.SGD`` step on each rank. One spawn runs both scenarios.
+Steps end through a real ``torch.optim.SGD`` step on each rank, reaching the recorder through an
+optimizer-step post-hook as under the fake-QAT runtime. One spawn runs both scenarios.
 """
 
 from __future__ import annotations
@@ -31,15 +32,20 @@ def expert_weights(layer: int, role: str) -> list[torch.Tensor]:
 
 
 def _one_step(modules):
-    from megatron_qat import metrics
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    from megatron_qat.metrics import Recorder
+
+    recorder = Recorder()
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: recorder.on_optimizer_step(optimizer))
     opt = torch.optim.SGD([p for m, _ in modules for p in m.parameters()], lr=0.0)
     published = []
-    metrics.subscribe(lambda values, step: published.append((step, values)))
+    recorder.subscribe(lambda values, step: published.append((step, values)))
     for m, label in modules:
-        if metrics.due():
-            metrics.observe(m, list(m.weights), 32, label=label)
+        if recorder.due():
+            recorder.observe(m, list(m.weights), 32, label=label)
     opt.step()
+    handle.remove()
     assert len(published) == 1, published
     return published[0][1]
 
@@ -54,8 +60,6 @@ def _worker(rank, port, outdir):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_qat import metrics
-
     os.environ["MEGATRON_QAT_METRICS_INTERVAL"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
@@ -64,7 +68,6 @@ def _worker(rank, port, outdir):
     mine = slice(2 * rank, 2 * rank + 2)
     res["ep"] = _one_step([(_module(expert_weights(1, r)[mine]), f"layer_1/{r}") for r in ("fc1", "fc2")])
     ps.destroy_model_parallel()
-    metrics.reset()
 
     ps.initialize_model_parallel(1, 2, expert_model_parallel_size=1, create_gloo_process_groups=False)
     layer = ps.get_pipeline_model_parallel_rank() + 1

@@ -13,7 +13,7 @@ import torch
 
 from megatron_qat import metrics
 from megatron_qat.metrics import sinks
-from test_metrics_steps import ENV, expert_module, fake_megatron, forward, fresh_metrics  # noqa: F401
+from test_metrics_steps import ENV, expert_module, fake_megatron, forward, rec  # noqa: F401
 
 TAGS = {f"megatron_qat/layer_3/{role}/{m}" for role in ("fc1", "fc2") for m in metrics.METRICS}
 
@@ -31,15 +31,15 @@ class FakeMoELayer(torch.nn.Module):
         self.local_expert_indices = list(range(first_expert, first_expert + experts))
 
 
-def run_steps(moe, steps, opt=None):
+def run_steps(rec, moe, steps, opt=None):
     opt = opt or torch.optim.SGD([p for p in moe.parameters()], lr=0.0)
     for _ in range(steps):
         for lin in (moe.experts.linear_fc1, moe.experts.linear_fc2):
-            forward(lin, lin.weights)
+            forward(rec, lin, lin.weights)
         opt.step()
 
 
-def test_real_summary_writer_gets_every_metric_of_every_layer(fake_megatron, tmp_path, monkeypatch):
+def test_real_summary_writer_gets_every_metric_of_every_layer(rec, fake_megatron, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard", reason="tensorboard is in the [test] extra")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
@@ -49,12 +49,12 @@ def test_real_summary_writer_gets_every_metric_of_every_layer(fake_megatron, tmp
     moe = FakeMoELayer()
     assert metrics.register_moe_layer(moe) == 2
     moe.layer_number = 3  # set_layer_number after construction: the label follows
-    run_steps(moe, 4)
+    run_steps(rec, moe, 4)
     writer.close()
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert set(events.Tags()["scalars"]) == TAGS
-    values = metrics.snapshot()
+    values = rec.snapshot()
     for name in TAGS:
         got = events.Scalars(name)
         assert [e.step for e in got] == [2, 4]
@@ -62,62 +62,62 @@ def test_real_summary_writer_gets_every_metric_of_every_layer(fake_megatron, tmp
     assert 0.0 < values["megatron_qat/layer_3/fc1/rel_rmse"] < 0.5
 
 
-def test_wandb_writer_gets_one_log_call_per_logging_step(fake_megatron):
+def test_wandb_writer_gets_one_log_call_per_logging_step(rec, fake_megatron):
     calls = []
     fake_megatron.args = Namespace(log_interval=1, iteration=0)
     fake_megatron.wandb = Namespace(log=lambda values, step: calls.append((set(values), step)))
     moe = FakeMoELayer(layer_number=3)
     metrics.register_moe_layer(moe)
-    run_steps(moe, 2)
+    run_steps(rec, moe, 2)
     assert calls == [(TAGS, 1), (TAGS, 2)]
 
 
-def test_no_writer_nothing_written(fake_megatron):
+def test_no_writer_nothing_written(rec, fake_megatron):
     fake_megatron.args = Namespace(log_interval=1, iteration=0)
     assert sinks.write_to_megatron({"a": 1.0}, 1) == 0  # Megatron gives None on non-last ranks
-    run_steps(FakeMoELayer(layer_number=1), 1)
-    assert metrics.snapshot()  # values still reach snapshot()
+    run_steps(rec, FakeMoELayer(layer_number=1), 1)
+    assert rec.snapshot()  # values still reach snapshot()
 
 
 def test_no_megatron_training_nothing_written():
     assert sinks.write_to_megatron({"a": 1.0}, 1) == 0
 
 
-def test_subscribe_unsubscribe_and_snapshot(monkeypatch):
+def test_subscribe_unsubscribe_and_snapshot(rec, monkeypatch):
     monkeypatch.setenv(ENV, "1")
-    assert metrics.snapshot() == {} and metrics.last_step() is None
+    assert rec.snapshot() == {} and rec.last_step is None
     got = []
-    unsubscribe = metrics.subscribe(lambda values, step: got.append((step, values)))
+    unsubscribe = rec.subscribe(lambda values, step: got.append((step, values)))
     moe = FakeMoELayer(layer_number=3)
     metrics.register_moe_layer(moe)
-    run_steps(moe, 1)
+    run_steps(rec, moe, 1)
     assert [s for s, _ in got] == [1] and set(got[0][1]) == TAGS
-    snap = metrics.snapshot()
-    assert snap == got[0][1] and metrics.last_step() == 1
+    snap = rec.snapshot()
+    assert snap == got[0][1] and rec.last_step == 1
     snap.clear()
-    assert metrics.snapshot()  # a copy
+    assert rec.snapshot()  # a copy
     unsubscribe()
-    run_steps(moe, 1)
-    assert len(got) == 1 and metrics.last_step() == 2
+    run_steps(rec, moe, 1)
+    assert len(got) == 1 and rec.last_step == 2
     with pytest.raises(TypeError, match="callable"):
-        metrics.subscribe(42)
+        rec.subscribe(42)
 
 
-def test_a_subscriber_error_propagates(monkeypatch):
+def test_a_subscriber_error_propagates(rec, monkeypatch):
     monkeypatch.setenv(ENV, "1")
-    metrics.subscribe(lambda values, step: 1 / 0)
+    rec.subscribe(lambda values, step: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        run_steps(FakeMoELayer(layer_number=1), 1)
+        run_steps(rec, FakeMoELayer(layer_number=1), 1)
 
 
-def test_summary_line_and_nan_warning_once_per_expert(monkeypatch, caplog):
+def test_summary_line_and_nan_warning_once_per_expert(rec, monkeypatch, caplog):
     monkeypatch.setenv(ENV, "1")
     moe = FakeMoELayer(layer_number=4, experts=3, first_expert=6)
     metrics.register_moe_layer(moe)
     with torch.no_grad():
         moe.experts.linear_fc2.weights[1][2, 7] = float("nan")
     caplog.set_level(logging.INFO, logger="megatron_qat.metrics")
-    run_steps(moe, 2)
+    run_steps(rec, moe, 2)
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(info) == 2 and "2 expert modules" in info[0] and "non-finite blocks 1" in info[0]
@@ -125,12 +125,12 @@ def test_summary_line_and_nan_warning_once_per_expert(monkeypatch, caplog):
     assert len(warnings) == 1 and "layer_4/fc2 expert 7" in warnings[0] and "1 block(s)" in warnings[0]
     with torch.no_grad():
         moe.experts.linear_fc1.weights[0][0, 0] = float("inf")
-    run_steps(moe, 1)
+    run_steps(rec, moe, 1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "layer_4/fc1 expert 6" in warnings[1]
 
 
-def test_labels_explicit_registered_and_fallback(monkeypatch):
+def test_labels_explicit_registered_and_fallback(rec, monkeypatch):
     monkeypatch.setenv(ENV, "1")
     registered = FakeMoELayer(layer_number=2)
     metrics.register_moe_layer(registered)
@@ -138,12 +138,12 @@ def test_labels_explicit_registered_and_fallback(monkeypatch):
     loose.ub_name = "fc2"  # what TE's GroupedLinear keeps from megatron's tp_comm_buffer_name
     other = expert_module(4)
     opt = torch.optim.SGD([*registered.parameters(), *loose.parameters(), *other.parameters()], lr=0.0)
-    assert metrics.due()
-    metrics.observe(registered.experts.linear_fc1, registered.experts.linear_fc1.weights, 32)
-    metrics.observe(loose, loose.weights, 32)
-    metrics.observe(other, other.weights, 32, label="mtp_1/fc1")
+    assert rec.due()
+    rec.observe(registered.experts.linear_fc1, registered.experts.linear_fc1.weights, 32)
+    rec.observe(loose, loose.weights, 32)
+    rec.observe(other, other.weights, 32, label="mtp_1/fc1")
     opt.step()
-    labels = {k.split("/", 1)[1].rsplit("/", 1)[0] for k in metrics.snapshot()}
+    labels = {k.split("/", 1)[1].rsplit("/", 1)[0] for k in rec.snapshot()}
     assert labels == {"layer_2/fc1", "module_0/fc2", "mtp_1/fc1"}
     with pytest.raises(ValueError, match="label"):
-        metrics.due() and metrics.observe(other, other.weights, 32, label="/bad/")
+        rec.due() and rec.observe(other, other.weights, 32, label="/bad/")

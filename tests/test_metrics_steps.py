@@ -1,7 +1,11 @@
 """megatron_qat.metrics interval and step clock on CPU: MEGATRON_QAT_METRICS_INTERVAL parsing,
 Megatron's log_interval / iteration (through a stand-in ``megatron.training`` module: the pip
 megatron-core package has none), real ``torch.optim`` optimizers ending steps, and nothing computed
-on non-logging steps (torch calls and statistic passes counted)."""
+on non-logging steps (torch calls and statistic passes counted).
+
+The :class:`~megatron_qat.metrics.Recorder` is driven as the fake-QAT runtime drives it: a global
+optimizer-step post-hook calls ``on_optimizer_step`` (the runtime's own hook and its ownership of the
+recorder are tested through ``enable()`` in tests/test_megatron_wiring.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +26,32 @@ ENV = "MEGATRON_QAT_METRICS_INTERVAL"
 
 
 @pytest.fixture(autouse=True)
-def fresh_metrics(monkeypatch):
+def rec(monkeypatch):
+    """A fresh Recorder whose steps end at every torch optimizer step, as under the runtime."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     monkeypatch.delenv(ENV, raising=False)
-    metrics.reset()
-    yield
-    metrics.reset()
+    rec = _Driven()
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: rec.recorder.on_optimizer_step(optimizer))
+    yield rec
+    handle.remove()
+
+
+class _Driven:
+    """The recorder plus the public-API spellings these tests use."""
+
+    def __init__(self):
+        self.recorder = metrics.Recorder()
+
+    def __getattr__(self, name):
+        return getattr(self.recorder, name)
+
+    def snapshot(self):
+        return dict(self.recorder.last)
+
+    def interval(self):
+        self.recorder.start()
+        return self.recorder.interval
 
 
 class FakeMegatronTraining:
@@ -57,10 +82,10 @@ def fake_megatron(monkeypatch):
     return fake
 
 
-def forward(module, weights, block_size=32):
-    """What the Megatron weight hook does per forward."""
-    if metrics.due():
-        metrics.observe(module, weights, block_size)
+def forward(rec, module, weights, block_size=32):
+    """What the runtime's weight hook does per forward."""
+    if rec.due():
+        rec.observe(module, weights, block_size)
 
 
 def expert_module(seed=0, experts=2):
@@ -86,28 +111,27 @@ def test_interval_env_rejects_anything_else_naming_the_variable(raw):
         megatron_env.interval_from_env({ENV: raw})
 
 
-def test_bad_env_value_fails_at_install(monkeypatch):
+def test_bad_env_value_fails_at_start(rec, monkeypatch):
     monkeypatch.setenv(ENV, "often")
     with pytest.raises(ValueError, match=ENV):
-        metrics.install()
+        rec.start()
 
 
-def test_without_megatron_training_the_default_is_100():
+def test_without_megatron_training_the_default_is_100(rec):
     assert megatron_env.megatron_training() is None  # pip megatron-core ships no megatron.training
-    assert metrics.interval() == 100
+    assert rec.interval() == 100
 
 
-def test_interval_follows_megatron_log_interval_and_env_overrides(fake_megatron, monkeypatch):
+def test_interval_follows_megatron_log_interval_and_env_overrides(rec, fake_megatron, monkeypatch):
     fake_megatron.args = Namespace(log_interval=5, iteration=0)
-    assert metrics.interval() == 5
-    metrics.reset()
+    assert rec.interval() == 5
     monkeypatch.setenv(ENV, "2")
-    assert metrics.interval() == 2
+    assert _Driven().interval() == 2
 
 
-def test_megatron_args_not_set_yet_is_the_absent_case(fake_megatron):
+def test_megatron_args_not_set_yet_is_the_absent_case(rec, fake_megatron):
     assert megatron_env.megatron_args() is None
-    assert metrics.interval() == 100
+    assert rec.interval() == 100
 
 
 def test_a_broken_megatron_training_import_propagates(monkeypatch):
@@ -136,21 +160,21 @@ class CountTorchCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_nothing_is_computed_on_non_logging_steps(monkeypatch):
+def test_nothing_is_computed_on_non_logging_steps(rec, monkeypatch):
     monkeypatch.setenv(ENV, "3")
     passes = []
-    real_measure = recorder.measure
-    monkeypatch.setattr(recorder, "measure", lambda *a, **k: passes.append(1) or real_measure(*a, **k))
+    real_measure = recorder.GroupedStats.__call__
+    monkeypatch.setattr(recorder.GroupedStats, "__call__", lambda self, *a, **k: passes.append(1) or real_measure(self, *a, **k))
     fc1, fc2 = expert_module(0), expert_module(10)
     opt = torch.optim.SGD([*fc1.weights, *fc2.weights], lr=0.0)
     torch_calls, published = [], []
-    metrics.subscribe(lambda values, step: published.append(step))
+    rec.subscribe(lambda values, step: published.append(step))
     for step in range(6):
         counter = CountTorchCalls()
         with counter:
             for _micro_batch in range(3):
-                forward(fc1, fc1.weights)
-                forward(fc2, fc2.weights)
+                forward(rec, fc1, fc1.weights)
+                forward(rec, fc2, fc2.weights)
         torch_calls.append(counter.calls)
         opt.step()
     assert torch_calls[0] == torch_calls[1] == torch_calls[3] == torch_calls[4] == 0
@@ -159,41 +183,37 @@ def test_nothing_is_computed_on_non_logging_steps(monkeypatch):
     assert published == [3, 6]  # Megatron's iteration count at the logging steps
 
 
-def test_interval_zero_installs_nothing_and_measures_nothing(monkeypatch):
+def test_interval_zero_measures_nothing(rec, monkeypatch):
     monkeypatch.setenv(ENV, "0")
-    from torch.optim.optimizer import _global_optimizer_post_hooks
-
-    before = len(_global_optimizer_post_hooks)
-    metrics.install()
     m = expert_module()
     opt = torch.optim.SGD(list(m.weights), lr=0.0)
     for _ in range(3):
-        assert metrics.due() is False
-        metrics.observe(m, m.weights, 32)  # no-op off a logging step
+        assert rec.due() is False
+        rec.observe(m, m.weights, 32)  # no-op off a logging step
         opt.step()
-    assert len(_global_optimizer_post_hooks) == before and metrics.snapshot() == {}
+    assert rec.snapshot() == {}
 
 
-def test_chained_optimizers_end_one_step_and_a_collected_clock_is_replaced(monkeypatch):
+def test_chained_optimizers_end_one_step_and_a_collected_clock_is_replaced(rec, monkeypatch):
     monkeypatch.setenv(ENV, "1")
     m = expert_module()
     dense = torch.optim.SGD([m.weights[0]], lr=0.0)
     expert = torch.optim.SGD([m.weights[1]], lr=0.0)
     steps = []
-    metrics.subscribe(lambda values, step: steps.append(step))
+    rec.subscribe(lambda values, step: steps.append(step))
     for _ in range(2):
-        forward(m, m.weights)
+        forward(rec, m, m.weights)
         dense.step()
         expert.step()  # ChainedOptimizer: both step in one iteration
     assert steps == [1, 2]
     del dense
     gc.collect()
-    forward(m, m.weights)
+    forward(rec, m, m.weights)
     expert.step()
     assert steps == [1, 2, 3]
 
 
-def test_megatron_resume_and_skipped_iterations_stay_aligned(fake_megatron):
+def test_megatron_resume_and_skipped_iterations_stay_aligned(rec, fake_megatron):
     """Megatron's loop: args.curr_iteration = iteration; train_step; iteration += 1; log when
     iteration % log_interval == 0. Resumed at 10; iterations 14 and 19 skip their optimizer step
     (fp16 overflow): the clock still measures iteration 15 (logged as 16); the statistics of 19
@@ -202,13 +222,13 @@ def test_megatron_resume_and_skipped_iterations_stay_aligned(fake_megatron):
     m = expert_module()
     opt = torch.optim.SGD(list(m.weights), lr=0.0)
     published, measured = [], []
-    metrics.subscribe(lambda values, step: published.append(step))
+    rec.subscribe(lambda values, step: published.append(step))
     megatron_logs = []
     for iteration in range(10, 24):
         args.curr_iteration = iteration
-        if metrics.due():
+        if rec.due():
             measured.append(iteration)
-            metrics.observe(m, m.weights, 32)
+            rec.observe(m, m.weights, 32)
         if iteration not in (14, 19):
             opt.step()
         if (iteration + 1) % args.log_interval == 0:
@@ -218,47 +238,32 @@ def test_megatron_resume_and_skipped_iterations_stay_aligned(fake_megatron):
     assert published == [12, 16, 24]
 
 
-def test_a_stale_curr_iteration_does_not_hold_the_clock(fake_megatron):
+def test_a_stale_curr_iteration_does_not_hold_the_clock(rec, fake_megatron):
     fake_megatron.args = Namespace(log_interval=2, iteration=0, curr_iteration=0)  # never updated
     m = expert_module()
     opt = torch.optim.SGD(list(m.weights), lr=0.0)
     published = []
-    metrics.subscribe(lambda values, step: published.append(step))
+    rec.subscribe(lambda values, step: published.append(step))
     for _ in range(4):
-        forward(m, m.weights)
+        forward(rec, m, m.weights)
         opt.step()
     assert published == [2, 4]
 
 
-def test_step_end_and_set_step_by_hand(monkeypatch):
+def test_step_end_and_set_step_by_hand(rec, monkeypatch):
     monkeypatch.setenv(ENV, "2")
     m = expert_module()
     got = []
-    metrics.subscribe(lambda values, step: got.append(step))
-    metrics.set_step(41)
-    forward(m, m.weights)
-    metrics.step_end()
-    assert got == [42] and metrics.last_step() == 42
+    rec.subscribe(lambda values, step: got.append(step))
+    rec.set_step(41)
+    forward(rec, m, m.weights)
+    rec.step_end()
+    assert got == [42] and rec.last_step == 42
     with pytest.raises(ValueError, match="non-negative int"):
-        metrics.set_step(-1)
+        rec.set_step(-1)
 
 
-@pytest.mark.parametrize("before, after", [("1", "0"), ("0", "2"), ("3", "1")])
-def test_install_again_reads_the_interval_again(monkeypatch, before, after):
-    """Review R1: ``disable()`` then ``enable()`` (uninstall / install) with a new
-    MEGATRON_QAT_METRICS_INTERVAL follows the new value: 0 means no statistics and no step hook."""
-    monkeypatch.setenv(ENV, before)
-    metrics.install()
-    assert metrics.interval() == int(before)
-    metrics.uninstall()
-    monkeypatch.setenv(ENV, after)
-    metrics.install()
-    assert metrics.interval() == int(after)
-    assert metrics.due() == (int(after) == 1)
-    assert (metrics._recorder._hook is not None) == (int(after) > 0)
-
-
-def test_nothing_is_measured_during_a_cuda_graph_capture(monkeypatch):
+def test_nothing_is_measured_during_a_cuda_graph_capture(rec, monkeypatch):
     """Review R1: a forward captured into a CUDA graph on a logging step must not be the module's
     measurement (its kernels run only at replay: the step's end would read unwritten memory); the
     next eager forward of that step measures it. CPU: the capture query is stubbed."""
@@ -266,10 +271,10 @@ def test_nothing_is_measured_during_a_cuda_graph_capture(monkeypatch):
     module = expert_module()
     weights = list(module.weights)
     monkeypatch.setattr(recorder, "_capturing", lambda ws: True)
-    forward(module, weights)
-    assert metrics._recorder.pending == {}
+    forward(rec, module, weights)
+    assert rec.pending == {}
     monkeypatch.setattr(recorder, "_capturing", lambda ws: False)
-    forward(module, weights)
-    assert len(metrics._recorder.pending) == 1
-    metrics.step_end()
-    assert metrics.snapshot()
+    forward(rec, module, weights)
+    assert len(rec.pending) == 1
+    rec.step_end()
+    assert rec.snapshot()

@@ -139,3 +139,76 @@ def test_fake_kernels_validate_like_eager():
 )
 def test_opcheck(name, args):
     torch.library.opcheck(getattr(OPS, name).default, args())
+
+
+# --- issue 15: a non-default rule and the activation op ---------------------------------------------
+def _rule_calls(x, w1, w2):
+    fq8 = mxfp4.fake_quantize(x, rule=mxfp4.FLASHINFER_MXFP8)
+    codes, scales = mxfp4.quantize(x, rule=mxfp4.VLLM_ONLINE_MXFP4)
+    many = mxfp4.fake_quantize_many([w1, w2], rule=mxfp4.TIES_DOWN_MXFP4)
+    act = mxfp4.fake_quantize_activation(w1, mxfp4.FLASHINFER_MXFP8)
+    act4 = mxfp4.fake_quantize_activation(w2, mxfp4.FLASHINFER_MXFP4)
+    return fq8, codes, scales, many[0], many[1], act, act4
+
+
+def test_rules_and_activation_compile_with_fullgraph_and_match_eager_bits():
+    x, w1, w2 = _inputs()
+    got = torch.compile(_rule_calls, fullgraph=True, backend="aot_eager")(x, w1, w2)
+    want = _rule_calls(x, w1, w2)
+    for g, w in zip(got, want):
+        assert compare_bits(g, w) is None, compare_bits(g, w)
+    explained = torch._dynamo.explain(_rule_calls)(x, w1, w2)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_graph_calls_the_activation_op_with_the_rule_name():
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend((str(n.target), n.args) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch.compile(_rule_calls, fullgraph=True, backend=backend)(*_inputs())
+    acts = [args for target, args in seen if target.startswith("megatron_qat.fake_quantize_activation")]
+    assert [a[1] for a in acts] == ["flashinfer-mxfp8", "flashinfer-mxfp4"]
+    assert any(t.startswith("megatron_qat.quantize") and "vllm-online-mxfp4" in a for t, a in seen)
+
+
+def test_activation_op_under_compile_has_identity_backward():
+    x = _x((4, 64), family="random_1").requires_grad_(True)
+    upstream = torch.randn(4, 64).to(torch.bfloat16)
+
+    def loss(x):
+        return (mxfp4.fake_quantize_activation(x, mxfp4.FLASHINFER_MXFP8) * upstream).sum()
+
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(x).backward()
+    assert torch.equal(x.grad.view(torch.int16), upstream.view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("fake_quantize", lambda: (_x((4, 64)), 32, None, "flashinfer-mxfp8")),
+        ("quantize", lambda: (_x((4, 64)), 32, None, "flashinfer-mxfp8")),
+        ("fake_quantize_many", lambda: ([_x((4, 64)), _x((2, 32), seed=1)], 32, None, "vllm-online-mxfp4")),
+        ("fake_quantize_ste", lambda: (_x((4, 64)).requires_grad_(True), 32, None, "ties-down-mxfp4")),
+        ("fake_quantize_activation", lambda: (_x((4, 64)).requires_grad_(True), "flashinfer-mxfp8", 32, None)),
+        ("fake_quantize_activation", lambda: (_x((8, 96)), "flashinfer-mxfp4", 32, None)),
+    ],
+)
+def test_opcheck_rules(name, args):
+    torch.library.opcheck(getattr(OPS, name).default, args())
+
+
+def test_fake_kernels_of_rules():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 5, 64, dtype=torch.bfloat16)
+        codes, scales = OPS.quantize(x, 32, None, "flashinfer-mxfp8")
+        assert (codes.shape, scales.shape) == ((3, 5, 64), (3, 5, 2))
+        assert OPS.fake_quantize_activation(x, "flashinfer-mxfp8", 32, None).shape == (3, 5, 64)
+        with pytest.raises(ValueError, match="unknown quantization rule 'nope'"):
+            OPS.fake_quantize_activation(x, "nope", 32, None)
+        with pytest.raises(ValueError, match="not a multiple of the MXFP4 block size 32"):
+            OPS.fake_quantize_activation(torch.empty(4, 48, dtype=torch.bfloat16), "flashinfer-mxfp8", 32, None)

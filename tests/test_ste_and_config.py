@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -93,16 +92,6 @@ def test_block_size_rejects_non_positive_even_integers(value):
     env = {"OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG": "1", "OPEN_TRAINING_MXFP4_BLOCK_SIZE": value}
     with pytest.raises(ValueError, match="OPEN_TRAINING_MXFP4_BLOCK_SIZE.*positive even integer"):
         config.from_env(env)
-
-
-def test_block_size_ablation_warns_once(caplog, monkeypatch):
-    monkeypatch.setattr(config, "_warned_block_sizes", set())
-    env = {"OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG": "1", "OPEN_TRAINING_MXFP4_BLOCK_SIZE": "16"}
-    with caplog.at_level(logging.WARNING, logger="megatron_qat"):
-        assert config.from_env(env).block_size == 16
-        config.from_env(env)
-    warnings = [r for r in caplog.records if "only block size 32" in r.getMessage()]
-    assert len(warnings) == 1 and "OPEN_TRAINING_MXFP4_BLOCK_SIZE=16" in warnings[0].getMessage()
 
 
 def test_int4_and_mxfp4_together_raise_naming_both():

@@ -1,12 +1,12 @@
 """Issue 9 item 1: the per-module, per-optimizer-step cache of fake-quantized expert weights
-(megatron_qat/megatron/weight_cache.py), CPU.
+(megatron_qat/megatron/cache.py, driven by the runtime), CPU.
 
 Transformer Engine cannot be installed here, so the TE level is tests/te_standin.py (TE 2.20.2's
 BF16 ``_GroupedLinear`` protocol, fused wgrad included). Below it sits a two-level stand-in that
 separates TE's ``GroupedLinear.forward(inp, m_splits, is_first_microbatch=None)`` from megatron-core
-0.16.1's ``TEGroupedLinear.forward(x, m_splits)``, which computes the flag. The cache is installed
-the way the patch will install it: the weight hook calls ``weight_cache.fake_weights``, TE's
-forward is wrapped by ``weight_cache.make_forward_wrapper``. Real pieces: megatron-core's
+0.16.1's ``TEGroupedLinear.forward(x, m_splits)``, which computes the flag. The stand-in is the real
+megatron-core extension module's ``TEGroupedLinear`` and the cache is installed by ``enable()``, as
+in training: the runtime wraps its ``_get_weight_tensors`` and TE's forward. Real pieces: megatron-core's
 ``forward_backward_no_pipelining`` and ``MegatronModule.set_is_first_microbatch`` (gloo, world
 size 1), megatron-core's FP32Optimizer / ChainedOptimizer, torch optimizers.
 
@@ -26,8 +26,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from te_standin import DDPLikeHooks, StandInGroupedLinear, _StandInGroupedLinearFn  # noqa: E402
 
-from megatron_qat import mxfp4  # noqa: E402
-from megatron_qat.megatron import weight_cache as wc  # noqa: E402
+import megatron_qat.megatron as mm  # noqa: E402
+from megatron_qat import config, mxfp4  # noqa: E402
+from megatron_qat.megatron import cache as cache_module  # noqa: E402
+from megatron_qat.megatron.cache import STATE_ATTR  # noqa: E402
+from megatron_qat.megatron.runtime import FORWARD, Runtime, grouped_linear_forward_class  # noqa: E402
 
 N, K, OUT, BLOCK = 3, 64, 16, 32
 SPLITS = [[4, 0, 6], [2, 5, 3], [3, 3, 1]]
@@ -60,23 +63,45 @@ class MegatronTEGroupedLinear(TEGroupedLinearStandIn):
         return out, None
 
 
+class _Cache:
+    """The cache as these tests drive it: through ``enable()`` / ``disable()`` and the runtime."""
+
+    CACHE_ENV = config.CACHE
+
+    @staticmethod
+    def configure():
+        """Re-enable, reading ``MEGATRON_QAT_CACHE`` again."""
+        mm.disable()
+        mm.enable(BLOCK)
+
+    @staticmethod
+    def stats():
+        return mm.current().stats()
+
+    @staticmethod
+    def reset_stats():
+        mm.current().reset_stats()
+
+    @staticmethod
+    def state(module):
+        return module.__dict__.get(STATE_ATTR)
+
+
+wc = _Cache()
+
+
 @pytest.fixture
 def cache(monkeypatch):
-    """Fresh cache state; the cache installed on the test-local classes as patch.py will install it."""
+    """Fake-QAT enabled on the test's TEGroupedLinear stand-in (the real extension module's class)."""
+    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    import megatron.core.extensions.transformer_engine as ext
+
     monkeypatch.delenv(wc.CACHE_ENV, raising=False)
-    original = MegatronTEGroupedLinear._get_weight_tensors
-
-    def _get_weight_tensors(self):
-        return wc.fake_weights(self, original(self), BLOCK)
-
-    monkeypatch.setattr(MegatronTEGroupedLinear, "_get_weight_tensors", _get_weight_tensors)
-    base = wc.grouped_linear_forward_class(MegatronTEGroupedLinear)
-    assert base is TEGroupedLinearStandIn
-    monkeypatch.setattr(base, "forward", wc.make_forward_wrapper(base.__dict__["forward"]))
-    wc.release()
-    wc.reset_stats()
+    monkeypatch.setattr(ext, "TEGroupedLinear", MegatronTEGroupedLinear)
+    assert grouped_linear_forward_class(MegatronTEGroupedLinear) is TEGroupedLinearStandIn
+    wc.configure()
     yield wc
-    wc.release()
+    mm.disable()
 
 
 def _layer(fuse=False, seed=3):
@@ -142,35 +167,29 @@ def test_no_flag_recorded_means_no_caching(cache):
     assert _stats() == (0, 0, 2)
 
 
-def test_forward_wrapper_records_flag_only_during_the_call_and_restores_it():
+def test_forward_wrapper_records_flag_only_during_the_call_and_restores_it(cache, monkeypatch):
     seen = []
-
-    class Base(torch.nn.Module):
-        def forward(self, inp, m_splits, is_first_microbatch=None):
-            seen.append(self.__dict__.get(wc.FLAG_ATTR, "absent"))
-            if inp == "nested":
-                Base.forward(self, "inner", m_splits, False)
-                seen.append(self.__dict__.get(wc.FLAG_ATTR, "absent"))
-            return inp
-
-    Base.forward = wc.make_forward_wrapper(Base.__dict__["forward"])
-    m = Base()
-    m("a", [1], is_first_microbatch=True)
-    m("b", [1], False)
-    m("c", [1])
-    m("nested", [1], True)
-    assert seen == [True, False, None, True, False, True]
-    assert wc.FLAG_ATTR not in m.__dict__
+    real = cache_module.ModuleState.fake_weights
+    monkeypatch.setattr(cache_module.ModuleState, "fake_weights",
+                        lambda self, *a: seen.append(self.flag) or real(self, *a))
+    layer = _layer()
+    x, s = _x(10, 0), SPLITS[0]
+    base_forward = TEGroupedLinearStandIn.forward
+    base_forward(layer, x, s, is_first_microbatch=True)
+    base_forward(layer, x, s, False)
+    base_forward(layer, x, s)
+    assert seen == [True, False, None]
+    assert wc.state(layer).flag is None  # restored after each call
 
 
 def test_forward_wrapper_refuses_a_forward_without_the_flag():
     def forward(self, inp, m_splits):
         return inp
 
-    with pytest.raises(TypeError, match="takes no is_first_microbatch parameter"):
-        wc.make_forward_wrapper(forward)
+    with pytest.raises(TypeError, match=r"takes no \(inp, ..., is_first_microbatch\) parameters"):
+        Runtime()._forward_wrapper(forward)
     with pytest.raises(TypeError, match="no Transformer Engine base class defining forward"):
-        wc.grouped_linear_forward_class(torch.nn.Linear)
+        grouped_linear_forward_class(torch.nn.Linear)
 
 
 # --- megatron's schedule with N micro-batches, two optimizer steps -------------------------------
@@ -451,7 +470,7 @@ def test_data_write_needs_invalidate_cache(cache):
     layer(_x(10, 0), SPLITS[0])
     stale = layer.received[-1]
     assert stale[0] is layer.received[-2][0]  # reused: the cache could not see this write
-    cache.invalidate_cache()
+    mm.invalidate_cache()
     layer(_x(10, 0), SPLITS[0])
     _assert_fresh(layer.received[-1], _experts(layer))
 
@@ -494,9 +513,9 @@ def test_invalidate_cache_drops_every_copy(cache):
     layers = [_layer(seed=s) for s in (1, 2)]
     for layer in layers:
         _warm(layer)
-    entries = [layer.__dict__[wc.ENTRY_ATTR] for layer in layers]
-    cache.invalidate_cache()
-    assert all(e.plain is None and e.connected is None and e.weights is None for e in entries)
+    entries = [layer.__dict__[STATE_ATTR] for layer in layers]
+    mm.invalidate_cache()
+    assert all(e.plain is None and e.connected is None and e.masters is None for e in entries)
     for layer in layers:
         layer(_x(10, 0), SPLITS[0])
     assert _stats()[1] == 4
@@ -555,36 +574,36 @@ def test_cache_env_off_quantizes_every_call(cache, monkeypatch):
 
 @pytest.mark.parametrize("value", ["", "1", " 1 "])
 def test_cache_env_on_values(value):
-    assert wc.caching_from_env({wc.CACHE_ENV: value}) is True
-    assert wc.caching_from_env({}) is True
-    assert wc.caching_from_env({wc.CACHE_ENV: "0"}) is False
+    assert config.caching({wc.CACHE_ENV: value}) is True
+    assert config.caching({}) is True
+    assert config.caching({wc.CACHE_ENV: "0"}) is False
 
 
 @pytest.mark.parametrize("value", ["true", "2", "off", "yes"])
 def test_cache_env_bad_value_names_the_variable(value):
     with pytest.raises(ValueError, match=rf"MEGATRON_QAT_CACHE={value!r}: accepted values are \"1\""):
-        wc.caching_from_env({wc.CACHE_ENV: value})
+        config.caching({wc.CACHE_ENV: value})
 
 
-def test_release_removes_hooks_and_entries(cache):
+def test_disable_removes_hooks_and_states(cache):
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
     layer = _layer()
     _warm(layer)
-    assert cache._state.hook is not None and len(layer._load_state_dict_post_hooks) == 1
+    assert mm.current()._post_hook is not None and len(layer._load_state_dict_post_hooks) == 1
     before = len(_global_optimizer_post_hooks)
-    cache.release()
+    mm.disable()
     assert len(_global_optimizer_post_hooks) == before - 1
-    assert wc.ENTRY_ATTR not in layer.__dict__ and len(layer._load_state_dict_post_hooks) == 0
+    assert STATE_ATTR not in layer.__dict__ and len(layer._load_state_dict_post_hooks) == 0
 
 
 def test_deepcopy_of_a_cached_module_starts_without_a_cache(cache):
     layer = _layer()
     _warm(layer)
     layer.received.clear()  # the stand-in's record holds graph tensors, which deepcopy refuses
-    assert layer.__dict__[wc.ENTRY_ATTR].connected is not None
+    assert layer.__dict__[STATE_ATTR].connected is not None
     twin = copy.deepcopy(layer)
-    assert twin.__dict__.get(wc.ENTRY_ATTR) is None
+    assert twin.__dict__.get(STATE_ATTR) is None
     with torch.no_grad():
         twin.weight0.mul_(2)
     twin(_x(10, 0), SPLITS[0])
@@ -594,26 +613,35 @@ def test_deepcopy_of_a_cached_module_starts_without_a_cache(cache):
 def test_block_size_change_requantizes(cache, monkeypatch):
     layer = _layer()
     _warm(layer)
-    original = TEGroupedLinearStandIn._get_weight_tensors
-    monkeypatch.setattr(MegatronTEGroupedLinear, "_get_weight_tensors",
-                        lambda self: wc.fake_weights(self, original(self), 16))
+    mm.enable(16)  # re-configured while on
     layer(_x(10, 0), SPLITS[0])
     for got, w in zip(layer.received[-1], _experts(layer)):
         assert torch.equal(_bits(got), _bits(mxfp4.fake_quantize(w.detach(), 16)))
 
 
-def test_check_runs_on_every_quantization_and_never_on_a_hit(cache):
-    layer = _layer()
+def test_guards_run_once_per_weight_set_never_on_a_hit(cache, monkeypatch):
+    """Issue 14: the forward guards run when a module's weight set is new (first call, a replaced
+    Parameter or storage), not on hits, not on every miss, not on every uncached call."""
+    from megatron_qat.megatron import runtime
+
     checked = []
-    ws = _experts(layer)
-    layer.__dict__[wc.FLAG_ATTR] = False
-    for _ in range(3):
-        wc.fake_weights(layer, ws, BLOCK, check=lambda m, w, b: checked.append(b))
-    layer.__dict__[wc.FLAG_ATTR] = None
-    wc.fake_weights(layer, ws, BLOCK, check=lambda m, w, b: checked.append(b))
+    real = runtime.check_grouped_linear_forward
+    monkeypatch.setattr(runtime, "check_grouped_linear_forward", lambda m, w, b: checked.append(b) or real(m, w, b))
+    layer = _layer()
+    x, s = _x(10, 0), SPLITS[0]
+    base_forward = TEGroupedLinearStandIn.forward
+    for flag in (True, False, False, None, None):
+        base_forward(layer, x, s, is_first_microbatch=flag)
+    mm.invalidate_cache()
+    base_forward(layer, x, s, is_first_microbatch=False)  # a miss on the same weight set
+    assert checked == [BLOCK] and _stats() == (2, 2, 2)
+    layer.weight1 = torch.nn.Parameter(layer.weight1.detach().clone())  # a new weight set
+    base_forward(layer, x, s, is_first_microbatch=False)
     assert checked == [BLOCK, BLOCK]
-    with pytest.raises(RuntimeError, match="refused"):
-        wc.fake_weights(layer, ws, BLOCK, check=lambda m, w, b: (_ for _ in ()).throw(RuntimeError("refused")))
+    layer.delay_wgrad_compute = True
+    layer.weight0 = torch.nn.Parameter(layer.weight0.detach().clone())
+    with pytest.raises(RuntimeError, match="delay_wgrad_compute"):
+        base_forward(layer, x, s, is_first_microbatch=False)
 
 
 def test_every_output_carries_the_parameter_attributes(cache):
@@ -636,21 +664,13 @@ def test_every_output_carries_the_parameter_attributes(cache):
     assert _stats() == (2, 1, 1)
 
 
-def test_forward_wrapper_switched_off_is_a_pass_through():
-    class Switch:
-        active = True
-
-    switch = Switch()
-
-    class Base(torch.nn.Module):
-        def forward(self, inp, m_splits, is_first_microbatch=None):
-            return self.__dict__.get(wc.FLAG_ATTR, "absent")
-
-    Base.forward = wc.make_forward_wrapper(Base.__dict__["forward"], switch)
-    m = Base()
-    assert m(0, [1], True) is True
-    switch.active = False
-    assert m(0, [1], True) == "absent"
+def test_forward_wrapper_of_a_closed_runtime_is_a_pass_through(cache):
+    """What stays on the class under a foreign wrapper after ``disable()`` does nothing."""
+    installed = mm.current().patched(FORWARD)
+    mm.disable()
+    layer = _layer()
+    installed(layer, _x(10, 0), SPLITS[0], True)
+    assert wc.state(layer) is None and layer.received[-1][0] is layer.weight0
 
 
 # --- review R1: micro-batch backward order, frozen / unfrozen experts, inference mode -------------

@@ -1,4 +1,7 @@
-"""Fused Triton MXFP4 quantize / fake-quantize, bit-exact with :mod:`megatron_qat.numerics.reference`.
+"""Fused Triton quantize / fake-quantize of every rule, bit-exact with :mod:`megatron_qat.numerics.reference`.
+
+Every entry point takes ``rule`` (a :class:`~megatron_qat.numerics.rules.Rule`, default
+``FLASHINFER_MXFP4``); codes are E2M1 nibble pairs ``[..., K // 2]`` or E4M3 bytes ``[..., K]``.
 
 Entry points (same contracts as :func:`megatron_qat.mxfp4.quantize` / ``fake_quantize`` /
 ``fake_quantize_many``; :mod:`megatron_qat.mxfp4.dispatch` decides when they are used):
@@ -29,6 +32,8 @@ import torch
 import triton
 
 from ..numerics.format import DEFAULT_BLOCK_SIZE, check_block_size, check_finite, check_group, check_input
+from ..numerics.reference import check_rule
+from ..numerics.rules import FLASHINFER_MXFP4, Element, Rule, ScaleRounding, Ties
 from . import qdq_jit
 
 # Launch heuristic: about this many elements per program (8 KiB of bf16 in flight per program).
@@ -36,6 +41,16 @@ ELEMS_PER_PROGRAM = 4096
 NUM_WARPS = 4
 
 _KIND = {torch.bfloat16: qdq_jit.KIND_BF16, torch.float16: qdq_jit.KIND_FP16, torch.float32: qdq_jit.KIND_FP32}
+
+
+def rule_constexprs(rule: Rule) -> dict:
+    """The kernel constexprs that select ``rule`` (qdq_jit's module docstring)."""
+    return {
+        "ELEM": 0 if rule.element is Element.E2M1 else 1,
+        "SCALE": 0 if rule.scale is ScaleRounding.CEIL else 1,
+        "TIES": 0 if rule.ties is Ties.EVEN else 1,
+        "FTZ": rule.ftz,
+    }
 
 
 def launch_config(n_blocks: int, block_size: int, elems_per_program: int | None = None) -> tuple[int, int]:
@@ -82,12 +97,12 @@ class _NullCtx:
         return False
 
 
-def _run_single(x: torch.Tensor, block_size: int, write_values: bool, write_codes: bool, *, elems_per_program=None,
-                num_warps=None):
+def _run_single(x: torch.Tensor, block_size: int, write_values: bool, write_codes: bool, rule: Rule = FLASHINFER_MXFP4,
+                *, elems_per_program=None, num_warps=None):
     n = x.numel()
     n_blocks = n // block_size
     out = torch.empty_like(x) if write_values else None
-    codes = torch.empty(n // 2, dtype=torch.uint8, device=x.device) if write_codes else None
+    codes = torch.empty(n // rule.codes_per_byte, dtype=torch.uint8, device=x.device) if write_codes else None
     scales = torch.empty(n_blocks, dtype=torch.uint8, device=x.device) if write_codes else None
     if n_blocks == 0:
         return out, codes, scales
@@ -99,28 +114,34 @@ def _run_single(x: torch.Tensor, block_size: int, write_values: bool, write_code
         qdq_jit.qdq_single_kernel[grid](
             xv, ov, codes if write_codes else xv, scales if write_codes else xv, n_blocks,
             KIND=_KIND[x.dtype], BS=block_size, BS_P2=bs_p2, NB=nb,
-            WRITE_VALUES=write_values, WRITE_CODES=write_codes, num_warps=num_warps or NUM_WARPS,
+            WRITE_VALUES=write_values, WRITE_CODES=write_codes, num_warps=num_warps or NUM_WARPS, **rule_constexprs(rule),
         )  # fmt: skip
     return out, codes, scales
 
 
-def fake_quantize(x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, **launch) -> torch.Tensor:
-    """MXFP4 quantize -> dequantize of ``x`` in one pass; see the module docstring.
+def fake_quantize(
+    x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, rule: Rule = FLASHINFER_MXFP4, name: str = "x", **launch
+) -> torch.Tensor:
+    """Quantize -> dequantize of ``x`` under ``rule`` in one pass; see the module docstring.
     ``launch`` (``elems_per_program``, ``num_warps``) overrides the tile heuristic (benchmarks)."""
+    check_rule(rule)
     check_block_size(block_size)
-    xc = _check_tensor(x, block_size, "x")
-    out, _, _ = _run_single(xc, block_size, True, False, **launch)
+    xc = _check_tensor(x, block_size, name)
+    out, _, _ = _run_single(xc, block_size, True, False, rule, **launch)
     return out.view(x.shape)
 
 
-def quantize(x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, **launch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed E2M1 codes and E8M0 scale bytes of ``x``; raises ValueError on non-finite input."""
+def quantize(
+    x: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, rule: Rule = FLASHINFER_MXFP4, **launch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and E8M0 scale bytes of ``x`` under ``rule``; raises ValueError on non-finite input."""
+    check_rule(rule)
     check_block_size(block_size)
     xc = _check_tensor(x, block_size, "x")
     check_finite(xc)
-    _, codes, scales = _run_single(xc, block_size, False, True, **launch)
+    _, codes, scales = _run_single(xc, block_size, False, True, rule, **launch)
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
-    return codes.view(*lead, k // 2), scales.view(*lead, k // block_size)
+    return codes.view(*lead, k // rule.codes_per_byte), scales.view(*lead, k // block_size)
 
 
 class GroupTable:
@@ -228,12 +249,32 @@ def _check_group(xs, block_size: int) -> list[torch.Tensor]:
     return [_check_tensor(t, block_size, f"xs[{i}]") for i, t in enumerate(check_group(xs, block_size))]
 
 
-def _run_grouped(xs, block_size, write_values, write_codes, *, tables=None, elems_per_program=None, num_warps=None):
+def grouped_launch_args(live: list[torch.Tensor], gt: GroupTable, out, codes, scales):
+    """The positional pointer arguments of ``qdq_grouped_kernel`` (tensors; unused outputs point at
+    the input base, which the kernel never writes)."""
+    base = _kernel_view(live[gt.base_index])
+    return (base, gt.table, _bits_view(out) if out is not None else base,
+            codes if codes is not None else base, scales if scales is not None else base)  # fmt: skip
+
+
+def grouped_constexprs(dtype, block_size, bs_p2, nb, align, write_values, write_codes, rule) -> dict:
+    return dict(
+        KIND=_KIND[dtype], BS=block_size, BS_P2=bs_p2, NB=nb, IN_ALIGN=align,
+        WRITE_VALUES=write_values, WRITE_CODES=write_codes, **rule_constexprs(rule),
+    )  # fmt: skip
+
+
+def _run_grouped(xs, block_size, write_values, write_codes, rule=FLASHINFER_MXFP4, *, tables=None,
+                 elems_per_program=None, num_warps=None):
+    """One grouped launch over validated contiguous ``xs``: ``(flat_out, flat_codes, flat_scales,
+    launched)``, ``launched`` = ``(compiled kernel or None, table, grid, constexprs)`` or None when
+    every member is empty (no launch)."""
     total = sum(t.numel() for t in xs)
     dev, dtype = xs[0].device, xs[0].dtype
     flat_out = torch.empty(total, dtype=dtype, device=dev) if write_values else None
-    flat_codes = torch.empty(total // 2, dtype=torch.uint8, device=dev) if write_codes else None
+    flat_codes = torch.empty(total // rule.codes_per_byte, dtype=torch.uint8, device=dev) if write_codes else None
     flat_scales = torch.empty(total // block_size, dtype=torch.uint8, device=dev) if write_codes else None
+    launched = None
     if total:
         nb, bs_p2 = launch_config(max(t.numel() for t in xs) // block_size, block_size, elems_per_program)
         live = [t for t in xs if t.numel()]  # empty members have no program and no pointer to track
@@ -241,19 +282,18 @@ def _run_grouped(xs, block_size, write_values, write_codes, *, tables=None, elem
             gt = build_group_table(live, block_size, nb, capture_error=PER_CALL_CAPTURE_ERROR)
         else:
             gt = tables.get(live, block_size, nb)
-        base = _kernel_view(live[gt.base_index])
-        ov = _bits_view(flat_out) if write_values else base
+        constexprs = grouped_constexprs(dtype, block_size, bs_p2, nb, gt.align, write_values, write_codes, rule)
         with _device_ctx(xs[0]):
-            qdq_jit.qdq_grouped_kernel[(gt.n_programs,)](
-                base, gt.table, ov, flat_codes if write_codes else base, flat_scales if write_codes else base,
-                KIND=_KIND[dtype], BS=block_size, BS_P2=bs_p2, NB=nb, IN_ALIGN=gt.align,
-                WRITE_VALUES=write_values, WRITE_CODES=write_codes, num_warps=num_warps or NUM_WARPS,
+            compiled = qdq_jit.qdq_grouped_kernel[(gt.n_programs,)](
+                *grouped_launch_args(live, gt, flat_out, flat_codes, flat_scales), **constexprs,
+                num_warps=num_warps or NUM_WARPS,
             )  # fmt: skip
-    return flat_out, flat_codes, flat_scales
+        launched = (compiled, gt, gt.n_programs, constexprs)
+    return flat_out, flat_codes, flat_scales, launched
 
 
-def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
-    """Consecutive views of ``flat`` with the given shapes."""
+def split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """Consecutive views of ``flat`` with the given shapes (one ``view`` + ``unbind`` when all alike)."""
     shapes = [tuple(s) for s in shapes]
     if len(set(shapes)) == 1:  # every expert alike (the usual case): one view, one unbind
         return list(flat.view(len(shapes), *shapes[0]).unbind(0))
@@ -266,32 +306,40 @@ def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
 
 
 def fake_quantize_many_flat(
-    xs, block_size: int = DEFAULT_BLOCK_SIZE, *, tables: GroupTableSlot | None = None, **launch
+    xs, block_size: int = DEFAULT_BLOCK_SIZE, *, rule: Rule = FLASHINFER_MXFP4, tables: GroupTableSlot | None = None,
+    **launch,
 ) -> torch.Tensor:
     """:func:`fake_quantize` of every tensor of ``xs`` in one kernel launch (host-sync free), as ONE
     flat tensor: the outputs' elements in order (``xs[0]`` first). ``xs`` must not be empty.
 
-    ``tables``: the caller's :class:`GroupTableSlot` for this list (kept across calls, e.g. by a
-    GroupedFakeQuantizer); without it the pointer table is built for this call only (a pinned
-    host-to-device copy each call; refused during CUDA graph capture)."""
+    ``tables``: the caller's :class:`GroupTableSlot` for this list (kept across calls); without it
+    the pointer table is built for this call only (a pinned host-to-device copy each call; refused
+    during CUDA graph capture)."""
+    check_rule(rule)
     check_block_size(block_size)
     xs = _check_group(xs, block_size)
     if not xs:
         raise ValueError("fake_quantize_many_flat: xs is empty (its dtype and device are unknown)")
-    flat_out, _, _ = _run_grouped(xs, block_size, True, False, tables=tables, **launch)
-    return flat_out
+    return _run_grouped(xs, block_size, True, False, rule, tables=tables, **launch)[0]
 
 
-def fake_quantize_many(xs, block_size: int = DEFAULT_BLOCK_SIZE, *, tables: GroupTableSlot | None = None, **launch) -> list[torch.Tensor]:
+def fake_quantize_many(
+    xs, block_size: int = DEFAULT_BLOCK_SIZE, *, rule: Rule = FLASHINFER_MXFP4, tables: GroupTableSlot | None = None,
+    **launch,
+) -> list[torch.Tensor]:
     """:func:`fake_quantize_many_flat` split into views shaped like ``xs`` (``[]`` for ``[]``)."""
     originals = check_group(xs, block_size)
     if not originals:
         return []
-    return _split(fake_quantize_many_flat(originals, block_size, tables=tables, **launch), [t.shape for t in originals])
+    flat = fake_quantize_many_flat(originals, block_size, rule=rule, tables=tables, **launch)
+    return split(flat, [t.shape for t in originals])
 
 
-def quantize_many(xs, block_size: int = DEFAULT_BLOCK_SIZE, **launch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def quantize_many(
+    xs, block_size: int = DEFAULT_BLOCK_SIZE, *, rule: Rule = FLASHINFER_MXFP4, **launch
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`quantize` of every tensor of ``xs`` in one launch; raises ValueError on non-finite input."""
+    check_rule(rule)
     check_block_size(block_size)
     originals = check_group(xs, block_size)
     xs = _check_group(originals, block_size)
@@ -299,7 +347,7 @@ def quantize_many(xs, block_size: int = DEFAULT_BLOCK_SIZE, **launch) -> list[tu
         return []
     for i, t in enumerate(xs):
         check_finite(t, f"xs[{i}]")
-    _, flat_codes, flat_scales = _run_grouped(xs, block_size, False, True, **launch)
-    code_shapes = [(*t.shape[:-1], t.shape[-1] // 2) for t in originals]
+    _, flat_codes, flat_scales, _ = _run_grouped(xs, block_size, False, True, rule, **launch)
+    code_shapes = [(*t.shape[:-1], t.shape[-1] // rule.codes_per_byte) for t in originals]
     scale_shapes = [(*t.shape[:-1], t.shape[-1] // block_size) for t in originals]
-    return list(zip(_split(flat_codes, code_shapes), _split(flat_scales, scale_shapes)))
+    return list(zip(split(flat_codes, code_shapes), split(flat_scales, scale_shapes)))

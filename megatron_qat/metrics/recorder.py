@@ -1,7 +1,8 @@
 """The step clock and the per-step state behind :mod:`megatron_qat.metrics`.
 
 A *step* is one training iteration. ``step`` is the 0-based number of the iteration in progress.
-It ends when an optimizer steps: torch's global optimizer step post-hook, counting ONE optimizer
+It ends when an optimizer steps: the fake-QAT runtime's optimizer-step post-hook calls
+:meth:`Recorder.on_optimizer_step`, which counts ONE optimizer
 (the first one seen stepping, weakly referenced; when it is gone the next one to step takes its
 place), so that Megatron's ``ChainedOptimizer`` (dense + expert optimizers) ends one step, not two.
 
@@ -35,7 +36,8 @@ from typing import Callable
 import torch
 
 from . import megatron_env, sinks
-from .block_stats import LocalStats, measure, split_experts
+from ..numerics.rules import FLASHINFER_MXFP4, Rule
+from .block_stats import GroupedStats, LocalStats, split_experts
 from .labels import Labeller, expert_ids
 from .reduction import reduce, reduction_group, scalars
 
@@ -63,24 +65,10 @@ class Recorder:
         self.last: dict[str, float] = {}
         self.last_step: int | None = None
         self._warned: set[tuple[str, int]] = set()
-        self._hook = None
         self._clock_optimizer = None
+        self._stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its GroupedStats
 
     # -- clock ---------------------------------------------------------------------------------
-    def install(self) -> None:
-        """Validate the environment now and hook optimizer steps (unless the env var says 0). Once
-        started (a later ``enable()`` after ``disable()``), the interval is resolved again."""
-        if self.started:
-            self.interval = megatron_env.resolve_interval()
-            self._update_due()
-            if self.interval > 0:
-                self._install_hook()
-            else:
-                self.uninstall()
-            return
-        if megatron_env.interval_from_env() != 0:
-            self._install_hook()
-
     def start(self) -> None:
         """Resolve the interval and the first step number (first forward or first optimizer step)."""
         if self.started:
@@ -90,8 +78,6 @@ class Recorder:
         resumed = megatron_env.megatron_iteration("iteration")
         self.step = resumed if resumed is not None else 0
         self.started = True
-        if self.interval > 0:
-            self._install_hook()
         self._update_due()
         self.sync_megatron()
 
@@ -103,21 +89,11 @@ class Recorder:
             if current != self.step:
                 self._move_to(current)
 
-    def _install_hook(self) -> None:
-        if self._hook is None:
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            self._hook = register_optimizer_step_post_hook(self._on_optimizer_step)
-
-    def uninstall(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
     def _update_due(self) -> None:
         self.is_due = self.interval > 0 and (self.step + 1) % self.interval == 0
 
-    def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
+    def on_optimizer_step(self, optimizer) -> None:
+        """An optimizer stepped (the runtime's post-hook): end the step if it is the clock optimizer."""
         clock = self._clock_optimizer() if self._clock_optimizer is not None else None
         if clock is None:
             self._clock_optimizer = weakref.ref(optimizer)
@@ -154,7 +130,10 @@ class Recorder:
         return self.is_due
 
     # -- measuring -----------------------------------------------------------------------------
-    def observe(self, module, master_weights, block_size: int, label: str | None = None) -> None:
+    def observe(self, module, master_weights, block_size: int, label: str | None = None,
+                rule: Rule = FLASHINFER_MXFP4) -> None:
+        """Measure ``module``'s master weights under the weight ``rule`` once in a logging step (its
+        :class:`GroupedStats` keeps the statistics kernel's launch state across steps)."""
         if not self.is_due or id(module) in self._observed:
             return
         weights = list(master_weights)
@@ -167,7 +146,10 @@ class Recorder:
             self.pending, self.pending_step = {}, self.step  # a logging step that never ended: dropped
         name = self._labeller.label_of(module, label)
         ids = expert_ids(module, len(split_experts(weights)))
-        stats = measure(weights, block_size, ids)
+        grouped = self._stats.get(module)
+        if grouped is None or grouped.block_size != block_size or grouped.rule != rule:
+            grouped = self._stats[module] = GroupedStats(block_size, rule=rule)
+        stats = grouped(weights, ids)
         previous = self.pending.get(name)
         self.pending[name] = stats if previous is None else previous.merged(stats)
 

@@ -21,3 +21,15 @@ E8M0_NAN = 255
 NAN_BITS_BF16 = 0x7FC0
 NAN_BITS_FP16 = 0x7E00
 NAN_BITS_FP32 = 0x7FC00000
+
+# float32 bits of RN(1/448) (= fp32(1.0 / 448.0), FlashInfer's INV_FLOAT8_E4M3_MAX constant, a
+# Python double rounded to float32 when the CuTe-DSL kernel is built); 448 * RN(1/448) rounds to 1.0.
+RCP_448_BITS = 0x3B124925
+
+# Largest finite element magnitude of each element format (E2M1: 6.0; E4M3 "fn": 448.0).
+E2M1_MAX = 6
+E4M3_MAX = 448
+
+# vLLM online MXFP4 ("EVEN" scale): this is added to the float32 bits of the block amax before the
+# exponent is kept, i.e. a mantissa of 1.75 or more rounds the amax up to the next power of two.
+EVEN_ROUND_BITS = 0x200000

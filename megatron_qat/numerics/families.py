@@ -24,6 +24,20 @@ Families (where two MXFP4 implementations can disagree):
 - ``maxima``: the dtype's largest finite values, a few ulps below them, and large random values.
 - ``one_nonzero``: one nonzero per block.
 - ``nan_inf_blocks``: blocks holding one NaN, +inf or -inf (``fake_quantize`` only).
+
+For the other rules (:mod:`megatron_qat.numerics.rules`):
+
+- ``amax_1p75x2k_pm_ulp``: block maxima ``1.75 * 2**k`` moved -3..+3 ulps (the EVEN rule rounds the
+  amax up to the next power of two from a mantissa of 1.75 on).
+- ``e4m3_ties``: amax ``448 * 2**k`` pins the MXFP8 scale to ``2**k``; the other elements are E4M3
+  grid values and the midpoints between neighbours (subnormal ones included) times ``2**k``,
+  exactly or one dtype ulp up/down.
+- ``e4m3_top``: the same scale, elements in the top E4M3 binade ``[256, 448] * 2**k`` (step 32,
+  ties at odd multiples of 16) next to the saturation at 448.
+- ``e4m3_subnormal``: the same scale, elements ``[0, 2**-5] * 2**k``: E4M3 subnormals after
+  scaling (multiples of 2**-9), their ties and values below 2**-10 that round to a signed zero.
+- ``amax_448x2k_pm_ulp``: block maxima ``448 * 2**k`` moved -3..+3 ulps (``amax / 448`` just
+  below, on or above a power of two).
 """
 
 from __future__ import annotations
@@ -52,6 +66,11 @@ FINITE_FAMILIES = (
     "subnormal",
     "maxima",
     "one_nonzero",
+    "amax_1p75x2k_pm_ulp",
+    "e4m3_ties",
+    "e4m3_top",
+    "e4m3_subnormal",
+    "amax_448x2k_pm_ulp",
 )
 NONFINITE_FAMILIES = ("nan_inf_blocks",)
 ALL_FAMILIES = FINITE_FAMILIES + NONFINITE_FAMILIES
@@ -61,14 +80,18 @@ ALL_FAMILIES = FINITE_FAMILIES + NONFINITE_FAMILIES
 SYNTHETIC_DTYPES = (torch.bfloat16, torch.float16)
 SYNTHETIC_SHAPE = (64, 256)
 SYNTHETIC_EXPERTS = ("experts_3d", "random_extreme", (4, 24, 256))
-SYNTHETIC_CASES = FINITE_FAMILIES + (SYNTHETIC_EXPERTS[0],)
+SYNTHETIC_FAMILIES = FINITE_FAMILIES[:13]  # the MXFP4 weight families (the E4M3 ones came later)
+SYNTHETIC_CASES = SYNTHETIC_FAMILIES + (SYNTHETIC_EXPERTS[0],)
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
 
-def _exp_range(dtype: torch.dtype) -> tuple[int, int]:
-    """Exponents k for which 6 * 2**k stays finite in ``dtype`` (for fp16, 0.25 * 2**k reaches into
-    its subnormals, which are normal float32 numbers and must not be flushed)."""
+def _exp_range(dtype: torch.dtype, top: float = 6.0) -> tuple[int, int]:
+    """Exponents k for which ``top * 2**k`` stays finite in ``dtype`` (for fp16, 0.25 * 2**k reaches
+    into its subnormals, which are normal float32 numbers and must not be flushed); for the E4M3
+    families (``top`` 448) the smallest E4M3 tie 2**-10 * 2**k stays representable in fp16."""
+    if top == 448.0:
+        return {torch.float16: (-14, 7), torch.bfloat16: (-110, 110), torch.float32: (-110, 110)}[dtype]
     return {torch.float16: (-20, 13), torch.bfloat16: (-120, 124), torch.float32: (-120, 124)}[dtype]
 
 
@@ -145,14 +168,44 @@ def _amax_at(top: float):
     return build
 
 
-def _amax_pm_ulp(shape, dtype, g):
-    lo, hi = _exp_range(dtype)
-    scale = _per_block(shape, g, lo, hi - 1)
-    bshape = _blocks(shape)
-    six = (6.0 * scale).reshape(bshape)[..., :1].to(dtype)
-    amax = _ulps(six, torch.randint(-3, 4, six.shape, generator=g)).float()
-    v = (torch.rand(shape, generator=g) * 2 - 1) * amax.expand(bshape).reshape(shape) * 0.99
-    return _put_one_per_block(v, amax, g).to(dtype)
+def _amax_pm_ulp(top: float):
+    def build(shape, dtype, g):
+        lo, hi = _exp_range(dtype, top)
+        scale = _per_block(shape, g, lo, hi - 1)
+        bshape = _blocks(shape)
+        amax = (top * scale).reshape(bshape)[..., :1].to(dtype)
+        amax = _ulps(amax, torch.randint(-3, 4, amax.shape, generator=g)).float()
+        v = (torch.rand(shape, generator=g) * 2 - 1) * amax.expand(bshape).reshape(shape) * 0.99
+        return _put_one_per_block(v, amax, g).to(dtype)
+
+    return build
+
+
+def _e4m3_grid_and_ties() -> torch.Tensor:
+    """float64 E4M3 magnitudes (all 127 finite ones, from the byte layout) and the midpoints."""
+    b = torch.arange(127, dtype=torch.float64)
+    e, m = torch.div(b, 8, rounding_mode="floor"), b % 8
+    grid = torch.where(e == 0, m * 2.0**-9, (1 + m / 8) * torch.exp2(e - 7))
+    return torch.cat([grid, (grid[1:] + grid[:-1]) / 2])
+
+
+def _e4m3_pinned(pool_fn):
+    """amax 448 * 2**k pins the MXFP8 scale to 2**k; the other elements come from ``pool_fn``
+    (float64 magnitudes in units of the scale), exactly or one dtype ulp up/down, random signs."""
+
+    def build(shape, dtype, g):
+        lo, hi = _exp_range(dtype, 448.0)
+        scale = _per_block(shape, g, lo, hi).to(dtype)
+        pool = pool_fn(g).to(dtype)
+        v = pool[torch.randint(0, len(pool), shape, generator=g)]
+        nonzero = v != 0
+        v = torch.where(nonzero, _ulps(v.abs(), torch.randint(-1, 2, shape, generator=g)), v)
+        v = v.clamp(max=448.0)  # 448 + 1 ulp would lift the amax past 448 * 2**k
+        v = (v * _signs(shape, g).to(dtype) * scale).float()
+        top = (448.0 * scale.float()).reshape(_blocks(shape))[..., :1]
+        return _put_one_per_block(v, top, g).to(dtype)
+
+    return build
 
 
 def _zeros_negzero(shape, dtype, g):
@@ -215,11 +268,18 @@ _BUILDERS: dict[str, Callable[[tuple, torch.dtype, torch.Generator], torch.Tenso
     "ties": _ties,
     "amax_6x2k": _amax_at(6.0),
     "amax_1p5x2k": _amax_at(1.5),
-    "amax_6x2k_pm_ulp": _amax_pm_ulp,
+    "amax_6x2k_pm_ulp": _amax_pm_ulp(6.0),
     "zeros_negzero": _zeros_negzero,
     "subnormal": _subnormal,
     "maxima": _maxima,
     "one_nonzero": _one_nonzero,
+    "amax_1p75x2k_pm_ulp": _amax_pm_ulp(1.75),
+    "e4m3_ties": _e4m3_pinned(lambda g: _e4m3_grid_and_ties()),
+    "e4m3_top": _e4m3_pinned(lambda g: 256.0 + 192.0 * torch.rand(512, generator=g, dtype=torch.float64)),
+    "e4m3_subnormal": _e4m3_pinned(
+        lambda g: torch.cat([torch.arange(0, 18, dtype=torch.float64) * 2.0**-10, torch.rand(64, generator=g, dtype=torch.float64) * 2.0**-5])
+    ),
+    "amax_448x2k_pm_ulp": _amax_pm_ulp(448.0),
     "nan_inf_blocks": _nan_inf_blocks,
 }
 assert tuple(_BUILDERS) == ALL_FAMILIES

@@ -1,13 +1,17 @@
-"""MXFP4 storage format: E2M1 element codes, E8M0 scale bytes, nibble packing.
+"""MX storage formats: E2M1 element codes (MXFP4), E4M3 element bytes (MXFP8), E8M0 scale bytes,
+nibble packing.
 
 The one home of the format's constants (the plain integers live in the torch-free
 :mod:`megatron_qat.numerics.constants` and are re-exported here), the torch-typed maps derived from
 them, bit helpers and input validation shared by the reference, the kernels, the op layer and the
 exporters. Nothing here decides *how* a value is rounded; that is
-:mod:`megatron_qat.numerics.reference`.
+:mod:`megatron_qat.numerics.rounding` (per rule, :mod:`megatron_qat.numerics.rules`).
 
 E2M1 code (4 bits): bit 3 is the sign, bits 2..0 select a magnitude from
 ``E2M1_MAGNITUDES`` = [0, 0.5, 1, 1.5, 2, 3, 4, 6]. Code 0x8 is -0.0.
+
+E4M3 element (``float8_e4m3fn``, MXFP8): one byte per element, bit 7 the sign, 4 exponent bits
+(bias 7), 3 mantissa bits; max 448 (0x7E), subnormals ``m * 2**-9``, 0x7F/0xFF NaN (never produced).
 
 E8M0 scale byte: 2 ** (byte - 127); byte 255 is NaN (never produced for finite input).
 
@@ -32,6 +36,7 @@ from .constants import (
     NAN_BITS_FP32,
     RCP_SIX_BITS,
 )
+from .rules import Element
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -45,6 +50,9 @@ __all__ = [
     "CANONICAL_NAN_BITS",
     "INT_VIEW_DTYPES",
     "e2m1_lut",
+    "e4m3_lut",
+    "element_lut",
+    "float32_from_bits",
     "pack_nibbles",
     "unpack_nibbles",
     "e8m0_to_float32",
@@ -56,8 +64,15 @@ __all__ = [
 
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
-# RN(1/6) as a Python float, decoded once from its bits (exact; no tensor, no device sync).
-RCP_SIX = struct.unpack("<f", struct.pack("<I", RCP_SIX_BITS))[0]
+
+
+def float32_from_bits(bits: int) -> float:
+    """The float32 with these bits, as a Python float (exact; no tensor, no device sync)."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+# RN(1/6) as a Python float, decoded once from its bits.
+RCP_SIX = float32_from_bits(RCP_SIX_BITS)
 FLT_MIN_NORMAL = 2.0**-126  # anything smaller (in magnitude) is flushed to zero by FTZ
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,6 +94,25 @@ def e2m1_lut(device: torch.device | str | None = None) -> torch.Tensor:
     twice = torch.where(m < 2, m, (2 + (m & 1)) << ((m >> 1) - 1).clamp(min=0))
     mags = twice.to(torch.float32) * 0.5
     return torch.cat([mags, -mags])
+
+
+def e4m3_lut(device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 ``[256]`` table: E4M3 (``float8_e4m3fn``) byte -> value; 0x80 is -0.0, 0x7F/0xFF NaN.
+
+    Built on ``device`` from ``arange`` (no host-to-device copy): exponent field ``e`` and mantissa
+    ``m``; normal ``(1 + m/8) * 2**(e - 7)`` written as float32 bits ``(e + 120) << 23 | m << 20``,
+    subnormal (``e == 0``) ``m * 2**-9``."""
+    b = torch.arange(256, device=device, dtype=torch.int32)
+    e, m = (b >> 3) & 0xF, b & 0x7
+    normal = (((e + 120) << 23) | (m << 20)).view(torch.float32)
+    mags = torch.where(e == 0, m.to(torch.float32) * 2.0**-9, normal)
+    mags = torch.where((b & 0x7F) == 0x7F, torch.full_like(mags, float("nan")), mags)
+    return torch.where(b >= 128, -mags, mags)
+
+
+def element_lut(element, device: torch.device | str | None = None) -> torch.Tensor:
+    """The decode table of an :class:`~megatron_qat.numerics.rules.Element`: code -> float32 value."""
+    return e4m3_lut(device) if element is Element.E4M3 else e2m1_lut(device)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

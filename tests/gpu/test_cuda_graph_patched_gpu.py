@@ -8,8 +8,8 @@ the real ``experts.linear_fc1`` / ``linear_fc2`` of a one-GPU ``MoELayer`` built
 ``module(x, m_splits)`` with a host list of token counts. NOT run in the session that wrote it
 (no GPU was lent).
 
-Design facts checked here (megatron_qat/megatron/weight_cache.py, "during capture nothing is
-cached"):
+Design facts checked here (megatron_qat/megatron/cache.py, "a CUDA-graph capture in progress":
+nothing is cached):
 
 - the eager warm-up (on a side stream, as torch.cuda.graph's documentation asks) fills the
   module's cache and builds its ``GroupedFakeQuantizer`` table;
@@ -46,7 +46,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import megatron_qat  # noqa: E402
 from megatron_qat import mxfp4  # noqa: E402
-from megatron_qat.megatron import weight_cache  # noqa: E402
+from megatron_qat.megatron import current  # noqa: E402
+from megatron_qat.megatron.cache import STATE_ATTR  # noqa: E402
 
 SPLITS = [16, 8, 24, 16]  # tokens per local expert (H.EXPERTS == 4), a host list as TEGroupedMLP passes
 assert len(SPLITS) == H.EXPERTS
@@ -174,7 +175,7 @@ def test_captured_patched_grouped_linear_replays_eager_bits_and_sees_in_place_up
             _step(module, x, dy)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    entry = module.__dict__[weight_cache.ENTRY_ATTR]
+    entry = module.__dict__[STATE_ATTR]
     cached = entry.plain
     assert cached is not None, "the eager warm-up did not fill the cache"
     builds = entry.quantizer.table_builds
@@ -184,13 +185,13 @@ def test_captured_patched_grouped_linear_replays_eager_bits_and_sees_in_place_up
     # capture: the uncached path, the QDQ kernel recorded into the graph, no H2D / pinned memory
     _reset_grads(params, fusion)
     x.grad = None
-    weight_cache.reset_stats()
+    current().reset_stats()
     watch = _HostToDeviceWatch()
     graph = torch.cuda.CUDAGraph()
     with watch, torch.cuda.graph(graph):
         static_out = _step(module, x, dy)
     assert watch.seen == [], f"host-to-device copies or pinned allocations during capture: {watch.seen}"
-    stats = weight_cache.stats()
+    stats = current().stats()
     assert stats.hits == 0 and stats.misses == 0 and stats.uncached >= 1, f"the capture used the cache: {stats}"
     assert entry.plain is cached, "the capture must leave the eager cached copy as it was"
     assert entry.quantizer.table_builds == builds, "the capture rebuilt the quantizer table"

@@ -212,8 +212,7 @@ def test_d_single_grouped_weight_is_refused(monkeypatch):
         notes.append("this megatron-core has no moe_single_grouped_weight")
     import transformer_engine.pytorch as te
 
-    from megatron_qat.megatron.guards import check_grouped_linear_forward
-    from megatron_qat.megatron.weight_cache import fake_weights
+    from megatron_qat.megatron.runtime import check_grouped_linear_forward
 
     params = inspect.signature(te.GroupedLinear).parameters
     if "single_grouped_weight" in params:
@@ -223,7 +222,7 @@ def test_d_single_grouped_weight_is_refused(monkeypatch):
         module = te.GroupedLinear(H.EXPERTS, H.HIDDEN, H.FFN, **kwargs)
         weights = module._get_weight_tensors()
         with pytest.raises(NotImplementedError, match="NVTE_GROUPED_LINEAR_SINGLE_PARAM"):
-            fake_weights(module, weights, 32, check=check_grouped_linear_forward)
+            check_grouped_linear_forward(module, weights, 32)
         notes.append(f"hook refused TE {type(weights[0]).__name__} of shape {tuple(weights[0].shape)}")
     else:
         notes.append("this TE has no single_grouped_weight")
@@ -243,8 +242,9 @@ def test_e_fake_weights_keep_offloading_marking_and_info_lines(caplog):
     with caplog.at_level(logging.INFO, logger="megatron_qat"):
         layer = H.build_moe_layer(H.make_config(fusion=False))
         params = list(H.expert_weights(layer).values())
+        mark = getattr(manager, "mark_not_offload", None) or manager.mark_not_offloadable  # renamed in 0.19
         for p in params:
-            manager.mark_not_offloadable(p)
+            mark(p)
         saved = []
 
         def pack(t):

@@ -4,8 +4,8 @@ with the flag on writes the per-layer MXFP4 scalars to a real ``torch.utils.tens
 
 The writer reaches the metrics the way Megatron's does (``megatron.training.get_tensorboard_writer``;
 the pip megatron-core package has no ``megatron.training``, so a stand-in module hands it out).
-Needs the weight hook to call ``metrics.due()`` / ``metrics.observe(...)`` and the ``MoELayer``
-init wrapper to call ``metrics.register_moe_layer`` (docs/metrics.md, "Integration").
+The runtime's weight hook calls its recorder's ``due()`` / ``observe(...)`` and its ``MoELayer``
+init wrapper calls ``metrics.register_moe_layer`` (docs/metrics.md, "Integration").
 Checks: values equal a CPU measure of the same master weights; statistics are computed only on
 logging steps (pass count) and the statistics pass does not synchronise with the device.
 """
@@ -50,10 +50,8 @@ def megatron_writer(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "megatron.training", module)
     monkeypatch.setattr(megatron, "training", module, raising=False)
     monkeypatch.delenv(metrics.INTERVAL_ENV, raising=False)
-    metrics.reset()
     yield writer, tmp_path
     writer.close()
-    metrics.reset()
 
 
 def test_moe_layer_training_writes_the_scalars_to_tensorboard(megatron_writer, monkeypatch):
@@ -61,18 +59,18 @@ def test_moe_layer_training_writes_the_scalars_to_tensorboard(megatron_writer, m
 
     writer, logdir = megatron_writer
     passes = []
-    real_measure = recorder.measure
+    real_measure = recorder.GroupedStats.__call__
 
-    def measure_without_sync(*args, **kwargs):
+    def measure_without_sync(self, *args, **kwargs):
         passes.append(1)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return real_measure(*args, **kwargs)
+            return real_measure(self, *args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(recorder, "measure", measure_without_sync)
+    monkeypatch.setattr(recorder.GroupedStats, "__call__", measure_without_sync)
     H.init_single_gpu()
     megatron_qat.enable(32)
     try:

@@ -3,8 +3,8 @@ one-GPU MoELayer (TEGroupedMLP, SwiGLU, bf16, gradient-accumulation fusion) unde
 the distributed optimizer, ``overlap_param_gather`` off and on.
 
 Targets megatron-core 0.19.2 + Transformer Engine 2.20.2 (shared/device/README.md). NOT run in the
-session that wrote it (no GPU was lent); it needs the cache wired into the hook
-(``megatron_qat.enable()`` -> ``weight_cache.fake_weights``, TE's forward wrapped): the first test
+session that wrote it (no GPU was lent); the cache is wired by ``megatron_qat.enable()`` (the
+runtime's weight hook -> ``cache.ModuleState.fake_weights``, TE's forward wrapped): the first test
 says so plainly if it is not.
 
 Per optimizer step (2 steps, 2 micro-batches each), bitwise on integer views:
@@ -34,7 +34,8 @@ H.require_gpu_stack()
 
 import megatron_qat  # noqa: E402
 from megatron_qat import mxfp4  # noqa: E402
-from megatron_qat.megatron import weight_cache  # noqa: E402
+from megatron_qat.megatron import current  # noqa: E402
+from megatron_qat.megatron.cache import STATE_ATTR  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +48,7 @@ def _bits(t):
 
 
 def _grouped_modules(model):
-    return [m for m in model.modules() if weight_cache.ENTRY_ATTR in m.__dict__]
+    return [m for m in model.modules() if STATE_ATTR in m.__dict__]
 
 
 def _ddp_with_distributed_optimizer(layer, config, overlap_param_gather):
@@ -77,7 +78,7 @@ def _reference_from(master_layer, config):
 def test_distributed_optimizer_updates_are_picked_up_next_step(overlap_param_gather):
     config = H.make_config(fusion=True)
     megatron_qat.enable(32)
-    weight_cache.reset_stats()
+    current().reset_stats()
     layer = H.build_moe_layer(config)
     model, optimizer = _ddp_with_distributed_optimizer(layer, config, overlap_param_gather)
     masters = H.expert_weights(layer)
@@ -89,10 +90,10 @@ def test_distributed_optimizer_updates_are_picked_up_next_step(overlap_param_gat
         outs = [H.forward_backward(model, x, dy) for x, dy in batches]
         if overlap_param_gather:
             model.finish_grad_sync()
-        stats = weight_cache.stats()
+        stats = current().stats()
         assert stats.hits > 0, f"the weight cache is not wired into the hook (stats {stats})"
         for module in _grouped_modules(layer):
-            entry = module.__dict__[weight_cache.ENTRY_ATTR]
+            entry = module.__dict__[STATE_ATTR]
             assert entry.plain is not None
             for i, fake in enumerate(entry.plain):
                 want = mxfp4.fake_quantize(module.get_parameter(f"weight{i}").detach(), 32)
@@ -116,9 +117,9 @@ def test_cache_on_equals_cache_off_bitwise(monkeypatch):
     config = H.make_config(fusion=True)
     runs, initial = [], None
     for env in ("0", "1"):
-        monkeypatch.setenv(weight_cache.CACHE_ENV, env)
-        megatron_qat.enable(32)
-        weight_cache.configure()
+        monkeypatch.setenv("MEGATRON_QAT_CACHE", env)
+        megatron_qat.disable()
+        megatron_qat.enable(32)  # reads MEGATRON_QAT_CACHE
         layer = H.build_moe_layer(config, state_dict=initial)
         if initial is None:
             initial = {k: v.clone() for k, v in layer.state_dict().items()}

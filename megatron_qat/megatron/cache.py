@@ -1,0 +1,243 @@
+"""One patched module's fake-quantized expert weights: the per-step cache and the straight-through
+protocol that lands their gradient where Megatron expects it.
+
+The runtime (:mod:`.runtime`) keeps one :class:`ModuleState` per patched ``TEGroupedLinear`` (in the
+module's ``__dict__``) and calls :meth:`ModuleState.fake_weights` from the patched
+``_get_weight_tensors`` with the N master weights ``[out_features, in_features]`` that TE's own hook
+returned. What it returns is what TE's GEMMs (and its dgrad) use.
+
+**When the weights are fake-quantized again.** The flag is TE's tri-state ``is_first_microbatch``,
+which the runtime's wrapper of TE's ``GroupedLinear.forward`` records on the state for the duration
+of the call (TE 2.20.2 ``base.quantize_weight`` caches its FP8 weight workspace with the same
+contract):
+
+- ``None``: fake-quantize on every call, keep nothing (also: ``MEGATRON_QAT_CACHE=0``, a CUDA-graph
+  capture in progress, a call from outside TE's forward such as ``backward_dw()``, and a miss under
+  ``torch.inference_mode()``, whose inference tensors a later grad-mode forward could not use);
+- ``True``: fake-quantize and keep (replaces what was kept);
+- ``False``: reuse what was kept **if it is still valid**, else fake-quantize and keep.
+
+megatron-core 0.13-0.19 ``TEGroupedLinear.forward`` passes ``None`` under
+``disable_parameter_transpose_cache``, else the module's flag, which it sets False after every
+forward; ``MegatronModule.set_is_first_microbatch()`` re-arms it at a step's first micro-batch only
+under fp8/fp4. **In BF16 the flag is True on the run's first forward and False ever after**, so what
+protects BF16 training is the validity check, run on every call:
+
+- the same weight objects, ``data_ptr()``, ``requires_grad`` and version counter ``_version`` as when
+  the copy was made (torch optimizers, ``param.copy_()``, ``load_state_dict`` bump ``_version``;
+  replacing a Parameter or its ``.data`` changes the object or the pointer);
+- the same cache epoch: the runtime bumps it after every torch optimizer step (megatron-core's
+  optimizers all step a ``torch.optim.Optimizer`` before they copy main params into the model params
+  or all-gather them, and that lands before the next forward), at ``invalidate_cache()``, and a
+  ``load_state_dict`` on the module or a parent drops the module's copy.
+
+Writes none of these see need ``megatron_qat.invalidate_cache()``: through ``.data``, through another
+tensor sharing the storage (Megatron's param buffer), or by a non-torch optimizer outside a step.
+
+**Guards.** ``guard(module, weights)`` (the forward guards of :mod:`.runtime`) runs when the module's
+weight set (objects and pointers) is new, not on every miss: once per module and weight set.
+
+**Memory.** Every cached call gets aliases of ONE fake-quantized copy (the quantizer's flat output),
+so TE's saved weights of all in-flight micro-batches share one storage: at most 1.0x the local
+expert bytes extra. The copy is dropped at the next invalidation, before the new one is made.
+
+**Gradients** (TE 2.20.2 ``_GroupedLinear.backward`` / ``handle_custom_ddp_from_mcore``, megatron-core
+0.19.2 ``DistributedDataParallel._make_backward_post_hook``): with ``fuse_wgrad_accumulation`` TE
+writes each expert's wgrad into ``q.main_grad`` of the tensor ``q`` it received; if ``q`` has a
+``grad_added_to_main_grad`` attribute TE sets it True on ``q`` and returns a cached dummy, else None;
+Megatron's hook on the Parameter adds ``param.grad`` into ``main_grad`` unless the PARAMETER's own
+flag is True. So each ``q`` carries every Python attribute of its Parameter, by reference
+(:func:`carry_attributes`: ``main_grad`` is the same buffer view, ``offloading_activation`` keeps
+activation offloading off the fake copy), and ONE straight-through node per module per cached copy
+(:class:`FakeWeightsSTE`) hands each arriving gradient to its Parameter unchanged, setting the
+Parameter's own flag (TE's dummy: no extra tensor, no extra add). The node saves no tensor, so
+every micro-batch's TE node may have its own edge to it: each backward that reaches it delivers
+that micro-batch's gradient once. Under ``torch.no_grad()`` (log-prob recomputation) TE gets the
+plain fake tensors; a later grad-mode call builds the node then.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+STATE_ATTR = "_megatron_qat_state"  # the module's ModuleState, in module.__dict__
+FLAG = "grad_added_to_main_grad"
+
+_version_of = operator.attrgetter("_version")
+_requires_grad_of = operator.attrgetter("requires_grad")
+_data_ptr = torch.Tensor.data_ptr
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counts since the runtime's start or last reset: ``hits`` (cached copy reused), ``misses``
+    (fake-quantized and kept), ``uncached`` (fake-quantized, nothing kept)."""
+
+    hits: int
+    misses: int
+    uncached: int
+
+
+class CacheClock:
+    """What every :class:`ModuleState` of one runtime shares: the cache ``epoch`` (bumped to
+    invalidate every copy at once), whether ``caching`` is on, and the hit / miss / uncached counts."""
+
+    __slots__ = ("epoch", "caching", "hits", "misses", "uncached")
+
+    def __init__(self, caching: bool):
+        self.epoch = 0
+        self.caching = caching
+        self.hits = self.misses = self.uncached = 0
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self.hits, self.misses, self.uncached)
+
+
+def carry_attributes(source: torch.Tensor, fake: torch.Tensor) -> None:
+    """Give ``fake`` every Python attribute of ``source`` (same objects: ``main_grad`` stays the
+    Parameter's buffer view). Values are those at the time of the call."""
+    attributes = getattr(source, "__dict__", None)
+    if attributes:
+        fake.__dict__.update(attributes)
+
+
+class FakeWeightsSTE(torch.autograd.Function):
+    """Forward: aliases (``detach``: same storage) of the given fake-quantized tensors, which are not
+    inputs (their values come from outside the graph). Backward: identity to each master weight;
+    sets ``grad_added_to_main_grad`` on its owner (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, fakes: list, flag_owners: tuple, *weights: torch.Tensor):  # type: ignore[override]
+        ctx.flag_owners = flag_owners
+        ctx.set_materialize_grads(False)  # TE's None stays None: no zero tensor is allocated for it
+        return tuple(f.detach() for f in fakes)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        for owner, grad in zip(ctx.flag_owners, grads):
+            if owner is not None and grad is not None:
+                owner.grad_added_to_main_grad = True
+        return (None, None, *grads)
+
+
+def connect_fake_weights(fakes: list, weights: list, fuse_wgrad_accumulation: bool) -> list:
+    """N tensors holding ``fakes``' values, connected straight-through to ``weights`` (the master
+    Parameters), each carrying its master's attributes. Call with autograd recording."""
+    owners = tuple(
+        w if (fuse_wgrad_accumulation and w.requires_grad and hasattr(w, FLAG)) else None for w in weights
+    )
+    outs = FakeWeightsSTE.apply(fakes, owners, *weights)
+    for w, q in zip(weights, outs):
+        carry_attributes(w, q)
+    return list(outs)
+
+
+def _no_state():
+    return None
+
+
+def _drop_on_load(module, incompatible_keys) -> None:
+    state = module.__dict__.get(STATE_ATTR)
+    if state is not None:
+        state.drop()
+
+
+class ModuleState:
+    """One patched module's quantizers, recorded ``is_first_microbatch`` flag and cached copy.
+
+    ``quantizer`` is the module's own :class:`megatron_qat.mxfp4.GroupedFakeQuantizer` of the weights
+    (its kernel launch is prepared once per weight set); ``activations`` its
+    :class:`megatron_qat.mxfp4.ActivationFakeQuantizer` of the GEMM input under an activation recipe
+    (run on every call, never cached). A deep copy or pickle of the module starts without a state
+    (its weights are new objects).
+    """
+
+    __slots__ = ("clock", "module_ref", "quantizer", "activations", "flag", "load_hook", "guarded", "epoch",
+                 "masters", "versions", "ptrs", "grads", "plain", "connected", "requires_grad", "fuse", "__weakref__")
+
+    def __init__(self, clock: CacheClock, module, quantizer, activations=None):
+        self.clock = clock
+        self.module_ref = weakref.ref(module)
+        self.quantizer = quantizer
+        self.activations = activations  # the module's mxfp4.ActivationFakeQuantizer, or None (BF16 activations)
+        self.flag = None
+        self.guarded = None  # (ids, pointers) of the weight set the guards last accepted
+        self.load_hook = module.register_load_state_dict_post_hook(_drop_on_load)
+        self.drop()
+
+    def __reduce__(self):
+        return (_no_state, ())
+
+    def drop(self) -> None:
+        """Forget the cached copy (the next call fake-quantizes again)."""
+        self.epoch = -1
+        self.masters = self.versions = self.ptrs = self.grads = None  # masters: strong refs, ids stay unique
+        self.plain = self.connected = None
+
+    def remove(self) -> None:
+        """Drop the copy and the load hook and leave the module (the runtime closes)."""
+        self.drop()
+        self.load_hook.remove()
+        module = self.module_ref()
+        if module is not None and module.__dict__.get(STATE_ATTR) is self:
+            del module.__dict__[STATE_ATTR]
+
+    def _guard(self, module, weights: list, ptrs: list, guard) -> None:
+        key = (tuple(map(id, weights)), tuple(ptrs))
+        if key != self.guarded:
+            guard(module, weights)
+            self.guarded = key
+
+    def _quantize(self, module, weights: list, ptrs: list, guard) -> list:
+        self._guard(module, weights, ptrs, guard)
+        with torch.no_grad():
+            return self.quantizer(weights)
+
+    def fake_weights(self, module, weights: list, guard) -> list:
+        """What TE gets instead of ``weights`` (N tensors ``[out, in]``, one dtype and device): the same
+        shapes and dtype, fake-quantized; connected straight-through to ``weights`` with autograd
+        recording and a weight requiring grad, plain tensors otherwise."""
+        clock = self.clock
+        flag = self.flag
+        grad = torch.is_grad_enabled()
+        ptrs = list(map(_data_ptr, weights))
+        if flag is None or not clock.caching or (weights[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._uncached(module, weights, ptrs, guard, grad)
+        versions = list(map(_version_of, weights))
+        grads = list(map(_requires_grad_of, weights))
+        masters = self.masters
+        if (flag is False and self.epoch == clock.epoch and ptrs == self.ptrs and versions == self.versions
+                and grads == self.grads and all(map(operator.is_, weights, masters))):
+            clock.hits += 1
+        elif torch.is_inference_mode_enabled():
+            return self._uncached(module, weights, ptrs, guard, grad)  # keep the old copy
+        else:
+            clock.misses += 1
+            self.drop()  # the old copy goes before the new one is allocated
+            fakes = self._quantize(module, weights, ptrs, guard)
+            for w, f in zip(weights, fakes):
+                carry_attributes(w, f)
+            self.masters, self.plain = tuple(weights), fakes
+            self.versions, self.ptrs, self.grads = versions, ptrs, grads
+            self.requires_grad = any(grads)
+            self.fuse = bool(getattr(module, "fuse_wgrad_accumulation", False))
+            self.epoch = clock.epoch
+        if grad and self.requires_grad:
+            if self.connected is None:
+                self.connected = connect_fake_weights(self.plain, list(self.masters), self.fuse)
+            return list(self.connected)
+        return list(self.plain)
+
+    def _uncached(self, module, weights: list, ptrs: list, guard, grad: bool) -> list:
+        """Fake-quantize for this call only; the kept copy (if any) stays as it is."""
+        self.clock.uncached += 1
+        fakes = self._quantize(module, weights, ptrs, guard)
+        if grad and any(w.requires_grad for w in weights):
+            return connect_fake_weights(fakes, weights, bool(getattr(module, "fuse_wgrad_accumulation", False)))
+        for w, f in zip(weights, fakes):
+            carry_attributes(w, f)
+        return fakes

@@ -48,7 +48,8 @@ writes each expert's wgrad into ``q.main_grad`` of the tensor ``q`` it received;
 Megatron's hook on the Parameter adds ``param.grad`` into ``main_grad`` unless the PARAMETER's own
 flag is True. So each ``q`` carries every Python attribute of its Parameter, by reference
 (:func:`carry_attributes`: ``main_grad`` is the same buffer view, ``offloading_activation`` keeps
-activation offloading off the fake copy), and ONE straight-through node per module per cached copy
+activation offloading off the fake copy: megatron-core 0.16 `offloading_activation`, 0.19
+`_do_not_offload`), and ONE straight-through node per module per cached copy
 (:class:`FakeWeightsSTE`) hands each arriving gradient to its Parameter unchanged, setting the
 Parameter's own flag (TE's dummy: no extra tensor, no extra add). The node saves no tensor, so
 every micro-batch's TE node may have its own edge to it: each backward that reaches it delivers

@@ -32,7 +32,8 @@ linear); and every target of issues 14 and 15 as "met" or "MISSED by X".
 Fitting an 80 GB card: the parameters, fp32 gradient buffer and the distributed optimizer's fp32
 master + Adam states (18 bytes per parameter on one rank) plus the logits must fit; ``--fit``
 (default on) shrinks the vocabulary (never the expert shapes, the layer count or the sequence) until
-the estimate fits 75% of the card, and prints and records what was scaled.
+the estimate fits 75% of the card -- an 80 GB H100 unless ``--fit-gib`` says otherwise, so that the
+run is the same on an H200 -- and prints and records what was scaled.
 
 No Apex on the lent GPU: megatron-core's non-TE ``ColumnParallelLinear`` (the output layer) needs
 ``fused_weight_gradient_mlp_cuda`` for gradient-accumulation fusion; ``benchmarks/_gpu_env.py``
@@ -115,6 +116,8 @@ def parse_args(argv=None):
     ap.add_argument("--profile", type=Path, default=None, help="also write one torch.profiler trace per row here")
     ap.add_argument("--no-fit", dest="fit", action="store_false",
                     help="keep the model's vocabulary even if the memory estimate exceeds 75%% of the card")
+    ap.add_argument("--fit-gib", type=float, default=80.0,
+                    help="fit the model to a card of this many GiB (default 80: an H100; at most the card's own size)")
     args = ap.parse_args(argv)
     if args.layers < 4:
         ap.error("--layers must be >= 4 (issue 9: at least 4 layers, attention included)")
@@ -338,7 +341,7 @@ def _run_rows(shape: Shape, args) -> tuple[list[dict], dict]:
     from megatron.core.extensions.transformer_engine import TEGroupedLinear
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    vocab, scaled = fit_vocab(shape, args, torch.cuda.get_device_properties(0).total_memory)
+    vocab, scaled = fit_vocab(shape, args, min(torch.cuda.get_device_properties(0).total_memory, args.fit_gib * 2**30))
     if scaled:
         print(f"{shape.name}: {scaled}", flush=True)
     model, optimizer, config, topk = _build(shape, args, vocab)

@@ -55,6 +55,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_qat.numerics.constants import DEFAULT_BLOCK_SIZE  # noqa: E402
+from megatron_qat.numerics.rules import FLASHINFER_MXFP4  # noqa: E402
 
 MODELS = [
     # name, EP, local experts, hidden, moe_ffn (gated: fc1 rows = 2 * moe_ffn)
@@ -63,7 +65,7 @@ MODELS = [
     ("DeepSeek-V3-class", 32, 8, 7168, 2048),
 ]
 PATHS = ("qtg", "gtq")  # quantize-then-gather, gather-BF16-then-quantize
-BLOCK = 32
+BLOCK = DEFAULT_BLOCK_SIZE
 BYTES_TARGET, TIME_TARGET = 16 / (4 + 8 / BLOCK), 2.0
 NCCL_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
@@ -99,13 +101,14 @@ def sync(path: str, weights: dict, groups, where) -> dict[str, torch.Tensor]:
     for role, ws in weights.items():
         kind, glu = KINDS[role], role == "fc1"
         if path == "qtg":
-            codes, scales = quantize_experts(ws, [f"{role}.weight{i}" for i in range(len(ws))], BLOCK)
-            out[f"{role}_codes"] = gather_experts(codes, kind, groups, where, glu=glu)
-            out[f"{role}_scales"] = gather_experts(scales, kind, groups, where, glu=glu)
+            payload = quantize_experts(ws, [f"{role}.weight{i}" for i in range(len(ws))], BLOCK, rule=FLASHINFER_MXFP4)
+            out[f"{role}_codes"] = gather_experts(payload.codes, kind, groups, where, glu=glu)
+            out[f"{role}_scales"] = gather_experts(payload.scales, kind, groups, where, glu=glu)
         else:
             full = gather_experts(torch.stack(ws), kind, groups, where, glu=glu)
             names = [f"{role}.weight{i}" for i in range(full.shape[0])]
-            out[f"{role}_codes"], out[f"{role}_scales"] = quantize_experts(list(full.unbind(0)), names, BLOCK)
+            payload = quantize_experts(list(full.unbind(0)), names, BLOCK, rule=FLASHINFER_MXFP4)
+            out[f"{role}_codes"], out[f"{role}_scales"] = payload.codes, payload.scales
     return out
 
 
@@ -168,9 +171,8 @@ def measure(args, rank: int, world: int, device) -> dict:
 
         one_device = {}
         for role, ws in full.items():
-            one_device[f"{role}_codes"], one_device[f"{role}_scales"] = quantize_experts(
-                ws, [f"{role}.weight{i}" for i in range(len(ws))], BLOCK
-            )
+            payload = quantize_experts(ws, [f"{role}.weight{i}" for i in range(len(ws))], BLOCK, rule=FLASHINFER_MXFP4)
+            one_device[f"{role}_codes"], one_device[f"{role}_scales"] = payload.codes, payload.scales
         ok = all(_same_bytes(last[p], one_device) for p in PATHS)
         del full, one_device, last, mine
         stats = torch.tensor([float(ok)] + times["qtg"] + times["gtq"], dtype=torch.float64, device=device)

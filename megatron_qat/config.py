@@ -149,17 +149,24 @@ def _block_size(environ: Mapping[str, str]) -> int:
     return value
 
 
+def _suffix(name: str) -> str:
+    return next(name[len(p):] for p in _OWN_PREFIXES if name.startswith(p))
+
+
 def check_names(environ: Mapping[str, str] | None = None) -> None:
     """Raise ValueError for a set ``MEGATRON_QAT_*`` / ``OPEN_TRAINING_MXFP4_*`` name that is not a
-    variable of the table, naming the closest known one."""
+    variable of the table, naming each with its value and the closest known name (``difflib`` on
+    what follows the prefix: a shared prefix is no likeness, and ``MEGATRON_QAT_BLOCK_SIZE`` finds
+    ``OPEN_TRAINING_MXFP4_BLOCK_SIZE``), and listing the accepted names."""
     env = _environ(environ)
     unknown = sorted(n for n in env if n.startswith(_OWN_PREFIXES) and n not in VARIABLES)
     if unknown:
         known = [n for n in VARIABLES if n.startswith(_OWN_PREFIXES)]
+        by_suffix = {_suffix(n): n for n in known}
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+            close = difflib.get_close_matches(_suffix(name), by_suffix, n=1, cutoff=0.6)
+            hints.append(f"{name}={env[name]!r}" + (f" (did you mean {by_suffix[close[0]]}?)" if close else ""))
         raise ValueError(f"unknown megatron-qat variable(s) {', '.join(hints)}: accepted names are {', '.join(known)}")
 
 

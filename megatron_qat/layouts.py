@@ -51,13 +51,15 @@ import os
 import re
 from dataclasses import dataclass
 
+from .tools.errors import ToolError
+
 # --layout values. Order: the families whose fused tensors differ first (docs list them so).
 FAMILIES: tuple[str, ...] = ("gpt_oss", "llama4", "qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "megatron")
 
 ROLES = ("gate", "up", "down", "gate_up", "fc1", "fc2")
 
 
-class LayoutError(ValueError):
+class LayoutError(ToolError, ValueError):
     """A tensor's layout cannot be determined (unknown family, ambiguous fused tensor, or a shape
     that contradicts the family). One-line message naming ``--layout`` and the accepted values."""
 
@@ -148,6 +150,29 @@ def family_from_config(config: dict) -> str:
     raise LayoutError(
         f"config.json model_type {model_type!r} / architectures {archs} is not a known checkpoint family; "
         f"pass --layout (accepted: {_ACCEPTED})"
+    )
+
+
+def _stored(family: str) -> str:
+    row = _TABLE[family]
+    axes = "[E, in, out]" if row.fused == "in_out" else "[E, out, in]"
+    return f"fused experts {axes} with gate/up {'interleaved' if row.glu == 'interleaved' else 'concatenated'}"
+
+
+def check_override(layout: str, config_family: str, config_path: str) -> None:
+    """``--layout`` may override the family of ``config_path`` only where both store their fused
+    expert tensors alike (same axes, same gate/up arrangement, e.g. qwen3_moe for mixtral): the
+    stored bytes are a fact about the checkpoint, which the config describes. LayoutError otherwise
+    (e.g. ``--layout gpt_oss`` on a Llama-4 checkpoint, whose gate/up rows are concatenated: no
+    gpt-oss loader would read its experts right)."""
+    want, have = _TABLE[layout], _TABLE[config_family]
+    if want.fused is None or have.fused is None or (want.fused, want.glu) == (have.fused, have.glu):
+        return
+    alike = [f for f, row in _TABLE.items() if (row.fused, row.glu) == (have.fused, have.glu)]
+    raise LayoutError(
+        f"--layout {layout} contradicts {config_path} (family {config_family}): {config_family} stores {_stored(config_family)}, "
+        f"{layout} {_stored(layout)}; the checkpoint is not {layout}. --layout can override config.json only with a family "
+        f"stored alike ({', '.join(alike)}): fix config.json or drop --layout"
     )
 
 
@@ -308,6 +333,7 @@ __all__ = [
     "check_family",
     "family_from_config",
     "family_from_config_file",
+    "check_override",
     "config_path_for",
     "classify",
     "check_fused_pairs",

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from _helpers import require
 from te_standin import StandInGroupedLinear, megatron_forward
 
 
 @pytest.fixture
 def te_ext(monkeypatch):
     """The real ``megatron.core.extensions.transformer_engine`` with a fresh stand-in class."""
-    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import megatron.core.extensions.transformer_engine as ext
 
     import megatron_qat.megatron as mm

@@ -43,3 +43,26 @@ def build(family: str, directory, seed: int = 0):
                 p.normal_(0.0, 0.02)
     model.save_pretrained(str(directory))
     return model
+
+
+def write_per_expert(directory, *, experts: int = 2, hidden: int = HIDDEN, inter: int = 32, layers: int = 1, seed: int = 0):
+    """Without transformers: a Qwen3-MoE-named BF16 checkpoint (``config.json`` + ``model.safetensors``)
+    holding only per-expert ``[out, in]`` weights and one router per layer; returns its tensors."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        p = f"model.layers.{layer}.mlp"
+        for e in range(experts):
+            for proj, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+                tensors[f"{p}.experts.{e}.{proj}_proj.weight"] = (torch.randn(*shape, generator=g) * 0.02).bfloat16()
+        tensors[f"{p}.gate.weight"] = torch.randn(experts, hidden, generator=g).bfloat16()
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}, f)
+    return tensors

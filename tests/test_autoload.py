@@ -22,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
+from _helpers import require  # noqa: E402
 from _mini_megatron import write_mini_megatron  # noqa: E402
 
 FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
@@ -118,7 +119,7 @@ def test_misspelt_flag_fails_the_megatron_import_and_stays_failed(mini_megatron)
     r = _run(MISSPELT, {"OPEN_TRAINING_MXFP4_FAKE_QAT": "1"}, [mini_megatron])
     assert r.returncode == 0, r.stderr
     out = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
-    want = "ValueError: unknown megatron-qat variable(s) OPEN_TRAINING_MXFP4_FAKE_QAT (did you mean OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG?)"
+    want = "ValueError: unknown megatron-qat variable(s) OPEN_TRAINING_MXFP4_FAKE_QAT='1' (did you mean OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG?)"
     assert out["import"].startswith(want), out
     assert out["again"].startswith(want), out
     assert out["step"].startswith("FakeQATUnavailableError: SGD.step() refused"), out
@@ -132,7 +133,7 @@ def test_bad_flag_value_fails_the_import(mini_megatron):
 def test_flag_on_without_transformer_engine_fails_loudly_on_real_megatron():
     """Not an ImportError (Megatron's ``except ImportError`` would swallow it); see also
     tests/test_autoload_fail_closed.py for every megatron-core release."""
-    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     r = _run("import megatron.core.extensions.transformer_engine", {FLAG: "1"})
     assert r.returncode != 0
     assert "FakeQATUnavailableError: megatron_qat fake-QAT" in r.stderr and "transformer-engine" in r.stderr

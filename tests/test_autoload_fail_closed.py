@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import require, require_that
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
@@ -89,7 +91,7 @@ def _installed(version):
 
 def _require(version):
     if version == "venv":
-        pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+        require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
         return
     if not _installed(version):
         target = _target(version)
@@ -97,9 +99,7 @@ def _require(version):
             f"megatron-core {version} is not installed in {target} (.ci/run installs it: pip install --no-deps "
             f"--target .ci-mcore/{version} megatron-core=={version})"
         )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        require_that(False, message)
 
 
 def _run_scenario(version, steps):

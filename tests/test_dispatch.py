@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from _helpers import require
 from megatron_qat import mxfp4
 from megatron_qat.mxfp4 import dispatch
 from megatron_qat.mxfp4.dispatch import KERNEL_ENV, resolve_impl
@@ -92,7 +93,7 @@ def test_auto_without_triton_installed_is_reference(no_env):
 
 
 def test_forced_triton_on_cpu_with_interpreter_runs_the_kernel(no_env):
-    pytest.importorskip("triton", reason="the triton extra is not installed")
+    require("triton", "the triton extra is not installed")
     no_env.setenv("TRITON_INTERPRET", "1")
     no_env.setenv(KERNEL_ENV, "triton")
     x = torch.randn(4, 64).to(torch.bfloat16)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import sys
 
 import pytest
 import torch
 
+from _helpers import REPO, require, spawn_ranks
 from test_export_live import (
     I,
     assert_same_pairs,
@@ -34,7 +35,6 @@ from test_export_live import (
     make_config,
     pg_collection,
     reference_layer,
-    require,
 )
 
 WORLD = 4
@@ -55,7 +55,9 @@ def _worker(rank, port, outdir):
                             timeout=datetime.timedelta(seconds=120))
     install_standin()
     from megatron_qat.export import export_mxfp4, grid_root
-    from megatron_qat.export.baseline import gather_then_quantize
+
+    sys.path.insert(0, str(REPO / "benchmarks"))  # benchmark code, not in the package
+    from gather_then_quantize import gather_then_quantize
 
     etp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     ep_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -106,14 +108,7 @@ def pg_collection_groups(pg):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
-    import torch.multiprocessing as mp
-
-    outdir = str(tmp_path_factory.mktemp("export_dist"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, outdir), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("export_dist")))
 
 
 def _reference(fmt, family=None, layers=(0, 1), bias=False):

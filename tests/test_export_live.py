@@ -9,26 +9,11 @@ module are also used by tests/test_export_distributed.py (the multi-process gloo
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
+from _helpers import require
 from te_standin import StandInGroupedLinear
-
-
-def require(module: str, reason: str, minversion: str | None = None):
-    """``pytest.importorskip`` locally; under ``CI=true`` (.ci/run installs these) a missing
-    package FAILS instead of skipping."""
-    if os.environ.get("CI") == "true":
-        mod = importlib.import_module(module)
-        if minversion is not None:
-            from packaging.version import Version
-
-            assert Version(mod.__version__) >= Version(minversion), f"{module} {mod.__version__} < {minversion}"
-        return mod
-    return pytest.importorskip(module, minversion=minversion, reason=reason)
 
 H, I = 64, 64  # hidden, moe_ffn_hidden_size (I/ETP must stay a multiple of 32 for ETP=2)
 
@@ -175,12 +160,11 @@ def pg_collection(etp_group=None, ep_group=None):
 
 def reference_layer(w: dict, layer: int, glu: bool):
     """Gather-then-quantize reference: quantize the FULL layer weights, Megatron layout."""
-    from megatron_qat import mxfp4
     from megatron_qat.export.formats import LayerBytes
+    from megatron_qat.mxfp4 import FLASHINFER_MXFP4, MXPayload
 
-    c1, s1 = mxfp4.quantize(w["fc1"], 32, impl="reference")
-    c2, s2 = mxfp4.quantize(w["fc2"], 32, impl="reference")
-    return LayerBytes(layer, glu, c1, s1, c2, s2, w.get("fc1_bias"), w.get("fc2_bias"))
+    fc1, fc2 = (MXPayload.quantize(w[role], 32, rule=FLASHINFER_MXFP4, impl="reference") for role in ("fc1", "fc2"))
+    return LayerBytes(layer, glu, fc1, fc2, w.get("fc1_bias"), w.get("fc2_bias"))
 
 
 def assert_same_pairs(got: dict, want: dict):
@@ -294,3 +278,22 @@ def test_refuses_models_without_grouped_experts_and_bad_formats(megatron_standin
     nonglu = build_chunk([1], make_config(glu=False), pg_collection(), lambda k: global_weights(0, 4, False))
     with pytest.raises(ExportError, match="gated MLP"):
         list(export_mxfp4(nonglu, "gpt-oss", groups=ExpertGroups()))
+
+
+def test_block_size_is_the_training_one_and_travels_with_the_bytes(megatron_standin, monkeypatch):
+    """No block size of its own: ``OPEN_TRAINING_MXFP4_BLOCK_SIZE`` (what the forward uses) decides,
+    the raw stream carries it in its scale shapes, and the engine formats (32-element OCP MX blocks)
+    refuse another one instead of shipping bits the forward never used."""
+    from megatron_qat import mxfp4
+    from megatron_qat.export import ExpertGroups, ExportError, export_mxfp4
+
+    monkeypatch.setenv("OPEN_TRAINING_MXFP4_BLOCK_SIZE", "16")
+    w = global_weights(0, 4, True)
+    chunk = build_chunk([1], make_config(), pg_collection(), lambda k: w)
+    got = dict(export_mxfp4(chunk, "raw", groups=ExpertGroups()))
+    name = "decoder.layers.0.mlp.experts.linear_fc2.weight3"
+    assert got[name + ".mxfp4_scales"].shape == (H, I // 16)
+    decoded = mxfp4.dequantize(got[name + ".mxfp4_codes"], got[name + ".mxfp4_scales"], torch.bfloat16, 16)
+    assert torch.equal(decoded.view(torch.int16), mxfp4.fake_quantize(w["fc2"][3], 16).view(torch.int16))
+    with pytest.raises(ExportError, match="blocks of 32 elements.*block size 16"):
+        list(export_mxfp4(chunk, "gpt-oss", groups=ExpertGroups()))

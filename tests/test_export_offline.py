@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from test_export_live import require  # noqa: E402
+from _helpers import bits, one_line_error, require
 
 transformers = require("transformers", "transformers>=5 is a test dependency ([export] extra)", minversion="5.0")
 require("compressed_tensors", "compressed-tensors>=0.20 is a test dependency ([export] extra)")
@@ -82,10 +82,6 @@ def _export(src, fmt, dst, *extra):
     return main(["export", src, "--format", fmt, "--out", str(dst), "--no-progress", *extra])
 
 
-def _i16(t):
-    return t.detach().contiguous().view(torch.int16)
-
-
 @pytest.fixture(scope="module")
 def gpt_oss_dst(gpt_oss_src, tmp_path_factory):
     dst = tmp_path_factory.mktemp("out") / "gpt_oss_mxfp4"
@@ -112,7 +108,7 @@ def test_transformers_loads_gpt_oss_mxfp4_bit_exact(gpt_oss_src, gpt_oss_dst):
             s = mxfp4.fake_quantize(s.transpose(1, 2).contiguous()).transpose(1, 2)
             checked += 1
         assert p.dtype == s.dtype and p.shape == s.shape, name
-        assert torch.equal(_i16(p), _i16(s)), name
+        assert torch.equal(bits(p), bits(s)), name
     assert checked == 2 * LAYERS
 
 
@@ -153,7 +149,23 @@ def test_compressed_tensors_decompresses_to_fake_quantize_bits(qwen3_src, qwen3_
     assert len(experts) == 3 * E * LAYERS
     for name, s in src.items():
         want = mxfp4.fake_quantize(s) if name in experts else s
-        assert got[name].dtype == want.dtype and torch.equal(_i16(got[name]), _i16(want)), name
+        assert got[name].dtype == want.dtype and torch.equal(bits(got[name]), bits(want)), name
+
+
+def test_transformers_loads_the_compressed_tensors_export_bit_exact(qwen3_src, qwen3_dst):
+    """README's loader line: transformers 5.x decompresses our ``mxfp4-pack-quantized`` experts on
+    load into its fused ``[E, 2I, H]`` / ``[E, H, I]`` parameters, equal to fake_quantize(source)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dst, dtype=torch.bfloat16)
+    src = load_file(os.path.join(qwen3_src, "model.safetensors"))
+    for L, layer in enumerate(model.model.layers):
+        for e in range(E):
+            name = f"model.layers.{L}.mlp.experts.{e}.{{}}_proj.weight"
+            gate_up = torch.cat([src[name.format("gate")], src[name.format("up")]])
+            assert torch.equal(bits(layer.mlp.experts.gate_up_proj[e]), bits(mxfp4.fake_quantize(gate_up))), (L, e)
+            assert torch.equal(bits(layer.mlp.experts.down_proj[e]), bits(mxfp4.fake_quantize(src[name.format("down")]))), (L, e)
+    assert torch.equal(bits(model.model.layers[0].self_attn.q_proj.weight), bits(src["model.layers.0.self_attn.q_proj.weight"]))
 
 
 def test_compressed_tensors_config_is_the_mxfp4a16_preset(qwen3_dst):
@@ -229,16 +241,9 @@ def test_parity_source_checks_the_shipped_bytes(gpt_oss_src, gpt_oss_dst, qwen3_
     assert "exactly one PATH" in capsys.readouterr().err
 
 
-def _one_line_error(capsys, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("megatron-qat export: error: "), err
-    for f in fragments:
-        assert f in err[0], (f, err[0])
-
-
 def test_refuses_already_quantized_source(gpt_oss_dst, tmp_path, capsys):
     assert _export(gpt_oss_dst, "gpt-oss", tmp_path / "x") == 2
-    _one_line_error(capsys, "already quantized", "mxfp4")
+    one_line_error(capsys.readouterr().err, "export", "already quantized", "mxfp4")
     assert not (tmp_path / "x").exists()
 
 
@@ -256,7 +261,7 @@ def test_refuses_nonfinite_weight_naming_tensor_and_row(qwen3_src, tmp_path, cap
 
     _copy_with(qwen3_src, tmp_path / "nan", poison)
     assert _export(str(tmp_path / "nan"), "compressed-tensors", tmp_path / "x") == 2
-    _one_line_error(capsys, "model.layers.1.mlp.experts.3.down_proj.weight", "row 17", "non-finite")
+    one_line_error(capsys.readouterr().err, "export", "model.layers.1.mlp.experts.3.down_proj.weight", "row 17", "non-finite")
     assert not (tmp_path / "x").exists() and not [n for n in os.listdir(tmp_path) if ".partial-" in n]
 
 
@@ -266,20 +271,20 @@ def test_refuses_in_features_not_multiple_of_32(qwen3_src, tmp_path, capsys):
 
     _copy_with(qwen3_src, tmp_path / "k48", narrow)
     assert _export(str(tmp_path / "k48"), "compressed-tensors", tmp_path / "x") == 2
-    _one_line_error(capsys, "experts.1.down_proj.weight", "in_features = 48", "multiple of the MXFP4 block size 32")
+    one_line_error(capsys.readouterr().err, "export", "experts.1.down_proj.weight", "in_features = 48", "multiple of the MXFP4 block size 32")
     assert not (tmp_path / "x").exists()
 
 
 def test_refuses_format_family_mismatch_and_existing_out(gpt_oss_src, qwen3_src, tmp_path, capsys):
     assert _export(qwen3_src, "gpt-oss", tmp_path / "x") == 2
-    _one_line_error(capsys, "needs a gpt_oss checkpoint", "qwen3_moe")
+    one_line_error(capsys.readouterr().err, "export", "needs a gpt_oss checkpoint", "qwen3_moe")
     assert _export(gpt_oss_src, "compressed-tensors", tmp_path / "x") == 2
-    _one_line_error(capsys, "use --format gpt-oss")
+    one_line_error(capsys.readouterr().err, "export", "use --format gpt-oss")
     (tmp_path / "exists").mkdir()
     assert _export(qwen3_src, "compressed-tensors", tmp_path / "exists") == 2
-    _one_line_error(capsys, "already exists")
+    one_line_error(capsys.readouterr().err, "export", "already exists")
     assert _export(str(tmp_path / "nowhere"), "compressed-tensors", tmp_path / "y") == 2
-    _one_line_error(capsys, "not a safetensors checkpoint")
+    one_line_error(capsys.readouterr().err, "export", "nowhere: no such file or directory")
 
 
 def test_progress_line_on_stderr(qwen3_src, tmp_path, capsys):

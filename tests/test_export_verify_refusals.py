@@ -15,9 +15,10 @@ import os
 
 import pytest
 
+from _helpers import one_line_error, require
 from megatron_qat.cli import main
 
-pytest.importorskip("transformers", minversion="5.0")
+require("transformers", "transformers>=5 is a test dependency ([export] extra)", minversion="5.0")
 
 import _tiny_hf  # noqa: E402
 
@@ -33,27 +34,20 @@ def exported(tmp_path_factory):
     return str(src), str(qsrc), str(dst)
 
 
-def _one_line(capsys, prefix, *needles):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(prefix), err
-    for n in needles:
-        assert n in err[0], (n, err[0])
-
-
 def test_export_used_as_its_own_source_is_refused_not_ok(exported, capsys):
     _, _, dst = exported
     assert main(["parity", dst, "--source", dst]) == 2
-    _one_line(capsys, "megatron-qat parity: error: ", "already quantized", "mxfp4")
+    one_line_error(capsys.readouterr().err, "parity", "already quantized", "mxfp4")
     assert main(["export", "--verify", dst, "--source", dst]) == 2
-    _one_line(capsys, "megatron-qat export: error: ", "already quantized")
+    one_line_error(capsys.readouterr().err, "export", "already quantized")
 
 
 def test_source_family_the_format_cannot_name_is_one_line_exit_2(exported, capsys):
     _, qsrc, dst = exported
     assert main(["parity", dst, "--source", qsrc, "--layout", "qwen3_moe"]) == 2
-    _one_line(capsys, "megatron-qat parity: error: ", "gpt-oss", "qwen3_moe")
+    one_line_error(capsys.readouterr().err, "parity", "gpt-oss", "qwen3_moe")
     assert main(["export", "--verify", dst, "--source", qsrc]) == 2
-    _one_line(capsys, "megatron-qat export: error: ", "gpt_oss", "qwen3_moe")
+    one_line_error(capsys.readouterr().err, "export", "gpt_oss", "qwen3_moe")
 
 
 def test_right_source_still_verifies(exported, capsys):
@@ -73,7 +67,7 @@ def test_write_error_is_one_line_and_leaves_nothing(exported, tmp_path, capsys, 
     monkeypatch.setattr(checkpoint.ShardWriter, "flush", full)
     out = tmp_path / "o"
     assert main(["export", src, "--format", "gpt-oss", "--out", str(out), "--no-progress"]) == 2
-    _one_line(capsys, "megatron-qat export: error: ", "No space left on device", "nothing written")
+    one_line_error(capsys.readouterr().err, "export", "No space left on device", "nothing written")
     assert os.listdir(tmp_path) == []
 
 
@@ -100,4 +94,4 @@ def test_ctrl_c_mid_way_leaves_nothing(exported, tmp_path, monkeypatch):
 def test_unwritable_out_parent_is_one_line(exported, capsys):
     src, _, _ = exported
     assert main(["export", src, "--format", "gpt-oss", "--out", "/proc/megatron_qat_out", "--no-progress"]) == 2
-    _one_line(capsys, "megatron-qat export: error: ", "/proc/megatron_qat_out", "nothing written")
+    one_line_error(capsys.readouterr().err, "export", "/proc/megatron_qat_out", "nothing written")

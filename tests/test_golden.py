@@ -1,16 +1,19 @@
 """The golden NumPy model: hand-checked vectors, independence from megatron_qat.mxfp4, and
 bit-exact agreement with megatron_qat.mxfp4 on every synthetic family (integer views)."""
 
-import ast
 import pathlib
 
 import numpy as np
 import pytest
 import torch
 
+from _helpers import imports
 from megatron_qat import mxfp4
-from megatron_qat.parity import golden
+from megatron_qat.numerics import families
 from megatron_qat.numerics.families import synthetic_tensors
+from megatron_qat.numerics.rules import RULES, Element
+from megatron_qat.parity import golden
+from megatron_qat.parity.references import golden_arguments
 
 SYNTHETIC = dict(synthetic_tensors())
 
@@ -26,13 +29,7 @@ def _codes(packed):
 
 
 def test_golden_imports_nothing_from_megatron_qat():
-    src = pathlib.Path(golden.__file__).read_text()
-    imported = set()
-    for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.Import):
-            imported |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module or "." * node.level)
+    imported = {module for _, _, module in imports(pathlib.Path(golden.__file__))}
     assert imported == {"__future__", "numpy"}, imported
 
 
@@ -108,3 +105,32 @@ def test_a_broken_golden_is_caught():
     flat = np.minimum(np.abs(x.float().numpy()), 6.0)
     up = np.searchsorted(golden.TABLE, flat)  # always the upper neighbour: not RNE
     assert not np.array_equal(up, golden.nearest_e2m1(flat))
+
+
+# every E2M1 rule of numerics/rules.py: the golden model's plain arguments for it (references.golden_arguments)
+E2M1_RULES = [rule for rule in RULES.values() if rule.element is Element.E2M1]
+
+
+@pytest.mark.parametrize("rule", E2M1_RULES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("family", families.FINITE_FAMILIES)
+def test_golden_matches_megatron_qat_under_every_e2m1_rule(rule, dtype, family):
+    """Issue 15 item 5: ``parity --recipe R`` compares ours under R's weight rule with this model."""
+    x = families.make(family, (32, 256), dtype, seed=2)
+    g_codes, g_scales = golden.quantize(x.float().numpy(), **golden_arguments(rule))
+    codes, scales = mxfp4.quantize(x, rule=rule)
+    assert np.array_equal(codes.numpy(), g_codes) and np.array_equal(scales.numpy(), g_scales)
+    values = golden.decode(g_codes, g_scales)
+    assert np.array_equal(mxfp4.dequantize(codes, scales, torch.float32, rule=rule).numpy().view(np.int32), values.view(np.int32))
+
+
+def test_golden_rules_differ_where_the_rules_do():
+    """The EVEN scale takes half FlashInfer's scale where the amax significand is in [1.5, 1.75) ...
+    and a tie goes down under ties-toward-zero (0.75 -> 0.5 instead of 1.0)."""
+    amax = np.array([1.6 * 8, 1.8 * 8, 1.2 * 8], dtype=np.float32)  # significands 1.6, 1.8, 1.2 times 2**3
+    assert golden.scale_bytes(amax).tolist() == [129, 129, 128]  # ceil(log2(amax / 6)) + 127
+    assert golden.even_scale_bytes(amax).tolist() == [128, 129, 128]  # 12.8 -> 8, 14.4 -> 16, 9.6 -> 8; exponent - 2 + 127
+    assert golden.nearest_e2m1(np.array([0.75, 1.75, 3.5])).tolist() == [2, 4, 6]
+    assert golden.nearest_e2m1(np.array([0.75, 1.75, 3.5]), "toward-zero").tolist() == [1, 3, 5]
+    with pytest.raises(ValueError, match="no E2M1 rule"):
+        golden.quantize(np.zeros((1, 32), np.float32), scale="even", ftz=True)

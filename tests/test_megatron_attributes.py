@@ -23,14 +23,15 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _helpers import require  # noqa: E402
 from _megatron_fixtures import te_ext  # noqa: E402,F401
 from te_standin import DDPLikeHooks  # noqa: E402
 
 import megatron_qat.megatron as mm  # noqa: E402
 
-offload = pytest.importorskip(
+offload = require(
     "megatron.core.pipeline_parallel.fine_grained_activation_offload",
-    reason="megatron-core >= 0.16 (fine-grained activation offloading) is a test dependency",
+    "megatron-core >= 0.16 (fine-grained activation offloading) is a test dependency",
 )
 
 

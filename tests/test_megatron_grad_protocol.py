@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _helpers import bits  # noqa: E402
 from _megatron_fixtures import te_ext  # noqa: E402,F401
 from te_standin import DDPLikeHooks, StandInGroupedLinear, get_dummy_wgrad  # noqa: E402
 
@@ -39,10 +40,6 @@ def _reference_grads():
     return per_mb
 
 
-def _bits(t):
-    return t.view(torch.int32)
-
-
 @pytest.mark.parametrize("overlap_grad_reduce", [True, False])
 def test_fused_main_grad_equals_unfused_reference_exactly_once(te_ext, overlap_grad_reduce):
     layer = te_ext.TEGroupedLinear(N, K, OUT, fuse_wgrad_accumulation=True, seed=3)
@@ -56,7 +53,7 @@ def test_fused_main_grad_equals_unfused_reference_exactly_once(te_ext, overlap_g
     for mb, (x, dy, s) in enumerate(_micro_batches()):
         layer(x, s).backward(dy)
         for i, p in enumerate(params):
-            assert torch.equal(_bits(p.main_grad), _bits(reference[mb][i])), f"weight{i} micro-batch {mb}"
+            assert torch.equal(bits(p.main_grad), bits(reference[mb][i])), f"weight{i} micro-batch {mb}"
             assert p.grad is None and p.grad_added_to_main_grad is True
             assert ddp.adds[p] == 0  # TE's dummy (NaN here) was never added
             # the Parameter received exactly TE's cached dummy: nothing extra was allocated
@@ -75,7 +72,7 @@ def test_fused_zero_out_wgrad_is_added_as_zeros(te_ext):
     for mb, (x, dy, s) in enumerate(_micro_batches()):
         layer(x, s).backward(dy)
         for i, p in enumerate(params):
-            assert torch.equal(_bits(p.main_grad), _bits(reference[mb][i]))
+            assert torch.equal(bits(p.main_grad), bits(reference[mb][i]))
             assert ddp.adds[p] == mb + 1  # Megatron adds the zero dummy, as on TE's own path
 
 
@@ -91,7 +88,7 @@ def test_fused_without_flag_attribute_leaves_grad_none(te_ext):
         layer(x, s).backward(dy)
         for i, p in enumerate(params):
             assert p.grad is None
-            assert torch.equal(_bits(p.main_grad), _bits(reference[mb][i]))
+            assert torch.equal(bits(p.main_grad), bits(reference[mb][i]))
 
 
 def test_unfused_grad_equals_reference(te_ext):
@@ -101,7 +98,7 @@ def test_unfused_grad_equals_reference(te_ext):
     for mb, (x, dy, s) in enumerate(_micro_batches()):
         layer(x, s).backward(dy)
         for i in range(N):
-            assert torch.equal(_bits(layer.get_parameter(f"weight{i}").grad), _bits(reference[mb][i]))
+            assert torch.equal(bits(layer.get_parameter(f"weight{i}").grad), bits(reference[mb][i]))
 
 
 def test_fake_tensors_carry_the_parameter_attributes(te_ext):

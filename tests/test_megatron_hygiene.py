@@ -20,6 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _helpers import bits  # noqa: E402
 from _megatron_fixtures import te_ext  # noqa: E402,F401
 from te_standin import StandInGroupedLinear  # noqa: E402
 
@@ -31,14 +32,10 @@ from megatron_qat.megatron.runtime import HOOK  # noqa: E402
 NAME = "_get_weight_tensors"
 
 
-def _bits(tensors):
-    return [t.detach().view(torch.int32) for t in tensors]
-
-
 def _assert_fake_quantized_once(layer):
     got = layer._get_weight_tensors()
     want = mxfp4.fake_quantize_many([layer.weight0.detach(), layer.weight1.detach()], 32)
-    assert all(torch.equal(a, b) for a, b in zip(_bits(got), _bits(want)))
+    assert all(torch.equal(a, b) for a, b in zip(map(bits, got), map(bits, want)))
 
 
 def _assert_plain(layer):
@@ -161,4 +158,4 @@ def test_wrapper_passes_through_arguments_te_adds(te_ext):
     out = layer._get_weight_tensors(True, skip_quantize=False)
     assert seen == [((True,), {"skip_quantize": False})]
     want = mxfp4.fake_quantize_many([layer.weight0.detach(), layer.weight1.detach()], 32)
-    assert all(torch.equal(a, b) for a, b in zip(_bits(out), _bits(want)))
+    assert all(torch.equal(a, b) for a, b in zip(map(bits, out), map(bits, want)))

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
+
+from _helpers import require, spawn_ranks
 
 WORLD = 2
 EXPERTS = 4
@@ -80,15 +81,8 @@ def _worker(rank, port, outdir):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
-    import torch.multiprocessing as mp
-
-    outdir = str(tmp_path_factory.mktemp("metrics_dist"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, outdir), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
+    return spawn_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("metrics_dist")))
 
 
 def _single_process(label: str, weights) -> dict[str, float]:

@@ -11,6 +11,7 @@ from argparse import Namespace
 import pytest
 import torch
 
+from _helpers import require
 from megatron_qat import metrics
 from megatron_qat.metrics import sinks
 from test_metrics_steps import ENV, expert_module, fake_megatron, forward, rec  # noqa: F401
@@ -40,7 +41,7 @@ def run_steps(rec, moe, steps, opt=None):
 
 
 def test_real_summary_writer_gets_every_metric_of_every_layer(rec, fake_megatron, tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard", reason="tensorboard is in the [test] extra")
+    require("tensorboard", "tensorboard is in the [test] extra")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 

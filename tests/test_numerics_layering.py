@@ -2,74 +2,49 @@
 rule has one definition.
 
 numerics (framework-free) <- kernels <- mxfp4 (the op/dispatch layer) <- megatron / export /
-metrics / layouts <- parity / cli. Checked on the source (AST), so a lazy import inside a function
-counts too.
+metrics / layouts <- parity / cli; tools (the CLIs' shared infrastructure) under layouts and
+export, above numerics only. Checked on the source (AST, tests/_helpers.imports), so a lazy import
+inside a function counts too.
 """
 
 import ast
-import pathlib
 import re
 
 import pytest
 
-import megatron_qat
+from _helpers import PKG, imports, require
 
-PKG = pathlib.Path(megatron_qat.__file__).parent
 LAYERS = {  # package -> the megatron_qat packages it must not import
-    "numerics": {"kernels", "mxfp4", "megatron", "export", "metrics", "layouts", "parity", "cli"},
-    "kernels": {"mxfp4", "megatron", "export", "metrics", "layouts", "parity", "cli"},
-    "mxfp4": {"megatron", "export", "metrics", "layouts", "parity", "cli"},
+    "numerics": {"kernels", "mxfp4", "megatron", "export", "metrics", "layouts", "parity", "cli", "tools"},
+    "kernels": {"mxfp4", "megatron", "export", "metrics", "layouts", "parity", "cli", "tools"},
+    "mxfp4": {"megatron", "export", "metrics", "layouts", "parity", "cli", "tools"},
+    # the CLIs' shared infrastructure (errors, signals, atomic outputs, progress, safetensors reader)
+    "tools": {"kernels", "mxfp4", "megatron", "export", "metrics", "layouts", "parity", "cli"},
 }
-
-
-def _imports(path: pathlib.Path):
-    """(top-level megatron_qat package, imported names) of every import in ``path``."""
-    pkg_parts = path.relative_to(PKG.parent).with_suffix("").parts[:-1]  # ("megatron_qat", "numerics")
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = list(pkg_parts[: len(pkg_parts) - node.level + 1])
-                module = base + (node.module.split(".") if node.module else [])
-            else:
-                module = (node.module or "").split(".")
-            names = [a.name for a in node.names]
-            if module[:1] == ["megatron_qat"]:
-                target = module[1] if len(module) > 1 else None
-                if target is None:  # from megatron_qat import x / from .. import x
-                    for n in names:
-                        yield n, []
-                else:
-                    yield target, names
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] == "megatron_qat" and len(parts) > 1:
-                    yield parts[1], []
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_no_upward_imports(layer):
     bad = []
     for path in sorted((PKG / layer).glob("*.py")):
-        for target, _ in _imports(path):
+        for target, _, _ in imports(path):
             if target in LAYERS[layer]:
                 bad.append(f"{path.relative_to(PKG)} imports megatron_qat.{target}")
     assert not bad, bad
 
 
-@pytest.mark.parametrize("layer", ["kernels", "mxfp4", "megatron", "export", "parity"])
+@pytest.mark.parametrize("layer", ["kernels", "mxfp4", "megatron", "export", "parity", "tools"])
 def test_no_private_names_imported_from_a_lower_layer(layer):
     bad = []
     for path in sorted((PKG / layer).glob("*.py")):
-        for target, names in _imports(path):
+        for target, names, _ in imports(path):
             if target != layer and any(n.startswith("_") and n != "__future__" for n in names):
                 bad.append(f"{path.relative_to(PKG)}: from megatron_qat.{target} import {names}")
     assert not bad, bad
 
 
 def test_constants_module_imports_nothing():
-    tree = ast.parse((PKG / "numerics" / "constants.py").read_text())
-    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not list(imports(PKG / "numerics" / "constants.py"))
 
 
 def _sources():
@@ -97,9 +72,8 @@ def test_each_bit_constant_is_written_once(values, allowed):
     "pattern, allowed",
     [
         (r"torch\.bfloat16:\s*torch\.int16", {"numerics/format.py"}),  # the integer-view map
-        # the block size; parity/golden.py (independent model) and parity/references.py (FlashInfer's
-        # sf_vec_size argument) are the parity checker's own
-        (r"^\s*(DEFAULT_)?BLOCK(_SIZE)?\s*=\s*32\b", {"numerics/constants.py", "parity/golden.py", "parity/references.py"}),
+        # the block size; parity/golden.py (the independent model) has its own
+        (r"^\s*(DEFAULT_)?BLOCK(_SIZE)?\s*=\s*32\b", {"numerics/constants.py", "parity/golden.py"}),
     ],
 )
 def test_each_constant_has_one_definition(pattern, allowed):
@@ -129,7 +103,7 @@ def test_rcp_six_is_decoded_once_without_torch():
 
 
 def test_kernel_constexprs_derive_from_the_one_definition():
-    pytest.importorskip("triton", reason="the triton extra is not installed")
+    require("triton", "the triton extra is not installed")
     from megatron_qat.kernels import qdq_jit
     from megatron_qat.numerics import constants
 

@@ -9,6 +9,7 @@ comparison is on integer views.
 import pytest
 import torch
 
+from _helpers import require
 from megatron_qat import mxfp4
 from megatron_qat.numerics.families import compare_bits, make
 
@@ -104,7 +105,7 @@ def test_ops_called_directly_equal_the_eager_api():
 
 
 def test_ops_run_the_triton_kernel_when_asked():
-    pytest.importorskip("triton", reason="the triton extra is not installed")
+    require("triton", "the triton extra is not installed")
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter check; tests/gpu covers CUDA")
     x = _x((2, 64))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _helpers import require
 from megatron_qat import mxfp4
 from megatron_qat.numerics.families import compare_bits, make
 from megatron_qat.numerics.reference import fake_quantize_reference, quantize_reference
@@ -23,7 +24,7 @@ IMPLS = ("reference", "triton")
 
 def _need(impl):
     if impl == "triton":
-        pytest.importorskip("triton", reason="the triton extra is not installed")
+        require("triton", "the triton extra is not installed")
         if torch.cuda.is_available():
             pytest.skip("CPU interpreter check; tests/gpu covers CUDA")
 
@@ -104,7 +105,7 @@ def test_quantizer_refuses_bad_arguments():
 @pytest.fixture
 def capturing(monkeypatch):
     """Make the kernel host code believe a CUDA graph capture is in progress."""
-    pytest.importorskip("triton", reason="the triton extra is not installed")
+    require("triton", "the triton extra is not installed")
     from megatron_qat.kernels import triton_qdq
 
     state = {"on": False}

@@ -34,9 +34,10 @@ def test_default_run_is_synthetic_and_passes_with_schema(tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert set(doc) == {
         "schema", "tool_version", "status", "exit_code", "complete", "incomplete", "sampled", "sources", "include", "block_size",
-        "options", "layout", "reference", "ours", "totals", "notes", "tensors",
+        "recipe", "rule", "options", "layout", "reference", "ours", "totals", "notes", "tensors", "activations",
     }
-    assert SCHEMA == "megatron-qat.parity/2"
+    assert SCHEMA == "megatron-qat.parity/3"
+    assert (doc["recipe"], doc["rule"], doc["activations"]) == ("flashinfer-w4a16", "flashinfer-mxfp4", None)
     assert (doc["schema"], doc["status"], doc["exit_code"], doc["sources"], doc["block_size"]) == (SCHEMA, "equal", 0, ["synthetic"], 32)
     assert (doc["complete"], doc["incomplete"], doc["sampled"]) == (True, [], False)
     assert doc["layout"] == {"family": None, "source": "synthetic", "note": None}

@@ -10,6 +10,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from _helpers import one_line_error
 from megatron_qat.parity import main
 
 GOOD = "model.layers.0.mlp.experts.0.up_proj.weight"
@@ -86,45 +87,31 @@ def _cli(args, env_update=None, drop=()):
     return subprocess.run([sys.executable, "-m", "megatron_qat.parity", "--quiet", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-def _one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("megatron-qat parity: error: "), proc.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 def test_forced_triton_that_cannot_run_is_one_line_exit_2_in_a_real_process(tmp_path):
     report = tmp_path / "r.json"
     proc = _cli(["--impl", "triton", "--json", str(report)], drop=("TRITON_INTERPRET",))
-    _one_line_error(proc, "--impl", "TRITON_INTERPRET=1")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    one_line_error(proc.stderr, "parity", "--impl", "TRITON_INTERPRET=1")
     doc = json.loads(report.read_text())
     assert (doc["status"], doc["exit_code"]) == ("error", 2) and "TRITON_INTERPRET" in doc["error"]
-
-
-def _one_line(capsys, *needles):
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("megatron-qat parity: error: "), out.err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return out
 
 
 def test_bad_kernel_variable_is_exit_2_with_a_json_report(tmp_path, capsys, monkeypatch):
     report = tmp_path / "r.json"
     monkeypatch.setenv("MEGATRON_QAT_KERNEL", "bogus")
     assert main(["--quiet", "--json", str(report)]) == 2
-    out = _one_line(capsys, "MEGATRON_QAT_KERNEL", "bogus", '"reference", "triton"')
+    out = capsys.readouterr()
+    one_line_error(out.err, "parity", "MEGATRON_QAT_KERNEL", "bogus", '"reference", "triton"')
     assert out.out == "" and json.loads(report.read_text())["exit_code"] == 2  # refused before any comparison
 
 
 def test_unwritable_json_is_refused_before_the_run(tmp_path, capsys):
     assert main(["--quiet", "--json", "/nonexistent/dir/x.json"]) == 2
-    assert _one_line(capsys, "/nonexistent/dir/x.json", "does not exist").out == ""  # nothing was compared first
+    out = capsys.readouterr()
+    one_line_error(out.err, "parity", "/nonexistent/dir/x.json", "does not exist")
+    assert out.out == ""  # nothing was compared first
     assert main(["--quiet", "--json", str(tmp_path)]) == 2
-    _one_line(capsys, "is a directory")
+    one_line_error(capsys.readouterr().err, "parity", "is a directory")
 
 
 def test_usage_error_still_writes_the_json_report(tmp_path, capsys):
@@ -146,7 +133,9 @@ def test_json_in_a_directory_that_refuses_files_is_exit_2_before_the_run(capsys)
 
         pytest.skip("needs Linux /proc (a directory in which nobody can create a file)")
     assert main(["--quiet", "--json", "/proc/megatron_qat_parity.json"]) == 2
-    assert _one_line(capsys, "--json /proc/megatron_qat_parity.json", "not writable").out == ""
+    out = capsys.readouterr()
+    one_line_error(out.err, "parity", "--json /proc/megatron_qat_parity.json", "not writable")
+    assert out.out == ""
 
 
 def test_report_that_cannot_be_written_at_the_end_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
@@ -159,4 +148,4 @@ def test_report_that_cannot_be_written_at_the_end_is_one_line_exit_2(tmp_path, c
 
     monkeypatch.setattr(runner, "write_json", full)
     assert main(["--quiet", "--json", str(tmp_path / "r.json")]) == 2
-    _one_line(capsys, f"--json {tmp_path / 'r.json'}", "No space left on device")
+    one_line_error(capsys.readouterr().err, "parity", f"--json {tmp_path / 'r.json'}", "No space left on device")

@@ -39,9 +39,10 @@ def test_adapter_reshapes_padded_scales_and_canary_passes():
     ref = refs.FlashInferReference(_fake_flashinfer(), "cpu", "test")
     ref.check_canary()
     x = torch.randn(5, 96).bfloat16()
-    codes, scales, values = ref.quantize(x)
+    payload, values = ref.quantize(x)
     g_codes, g_scales = golden.quantize(x.float().numpy())
-    assert torch.equal(codes, torch.from_numpy(g_codes)) and torch.equal(scales, torch.from_numpy(g_scales))
+    assert payload.block_size == 32 and torch.equal(payload.codes, torch.from_numpy(g_codes))
+    assert torch.equal(payload.scales, torch.from_numpy(g_scales))
 
 
 def test_negative_zero_normalised_against_plus_zero_decode():
@@ -49,7 +50,7 @@ def test_negative_zero_normalised_against_plus_zero_decode():
 
     x = dict(synthetic_tensors())["synthetic/bf16/zeros_negzero"]
     fi = refs.FlashInferReference(_fake_flashinfer(), "cpu", "test")
-    ours = Ours("cpu", None).run(x)
+    ours = Ours("cpu", None, fi.block_size).run(x)
     r = TensorResult("t", None, list(x.shape), "bfloat16", x.numel())
     compare_batch(r, BatchInput(x, torch.arange(x.shape[0]), tuple(x.shape)), fi.quantize(x), ours, negative_zero_normalised=True)
     assert (r.code_mismatches, r.scale_mismatches, r.value_mismatches, r.dequant_mismatches) == (0, 0, 0, 0)

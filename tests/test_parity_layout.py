@@ -36,9 +36,9 @@ def _record_golden_inputs(monkeypatch):
     seen = []
     original = golden.quantize
 
-    def recording(x):
+    def recording(x, **rule):
         seen.append(x.copy())
-        return original(x)
+        return original(x, **rule)
 
     monkeypatch.setattr(golden, "quantize", recording)
     return seen
@@ -75,8 +75,8 @@ def test_gpt_oss_first_mismatch_index_is_in_stored_coordinates(gpt_oss_dir, tmp_
     original = golden.quantize
     done = []
 
-    def flipped(x):  # flip one code at row 5, col 17 of the first gate_up batch (K = hidden = 64)
-        codes, scales = original(x)
+    def flipped(x, **rule):  # flip one code at row 5, col 17 of the first gate_up batch (K = hidden = 64)
+        codes, scales = original(x, **rule)
         if x.shape[1] == 64 and not done:
             codes = codes.copy()
             codes[5, 17 // 2] ^= 0x8 << 4
@@ -121,7 +121,10 @@ def test_v5_fused_dump_blocks_the_last_dim_and_layout_overrides_config(tmp_path,
     code, doc, _ = _run_json(tmp_path, [str(d), "--layout", "mixtral"], capsys)  # the user's word wins, noted
     assert code == 0 and any("--layout mixtral overrides" in n for n in doc["notes"])
     assert {t["layout"]["blocked_dim"] for t in doc["tensors"]} == {2}
-    # ... unless the shapes contradict it: gpt_oss would block [E, 2I, H] along 2I (tests/test_parity_wrong_layout.py)
+    # ... unless the config's family stores its fused tensors otherwise: gpt_oss would block [E, 2I, H] along 2I
+    code, doc, out = _run_json(tmp_path, [str(d), "--layout", "gpt_oss"], capsys)
+    assert code == 2 and "--layout gpt_oss contradicts" in out.err and "qwen3_moe" in out.err and doc["exit_code"] == 2
+    (d / "config.json").unlink()  # no config: the shapes still contradict it (tests/test_parity_wrong_layout.py)
     code, doc, out = _run_json(tmp_path, [str(d), "--layout", "gpt_oss"], capsys)
     assert code == 2 and "contradict family gpt_oss" in out.err and doc["exit_code"] == 2
 

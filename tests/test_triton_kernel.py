@@ -8,7 +8,9 @@ comparison at full size on the GPU.
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the triton extra is not installed (pip install -e '.[triton]')")
+from _helpers import require
+
+require("triton", "the triton extra is not installed (pip install -e '.[triton]')")
 
 from megatron_qat.kernels import triton_qdq  # noqa: E402
 from megatron_qat.numerics.families import (  # noqa: E402

@@ -24,6 +24,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _helpers import require  # noqa: E402
+from _helpers import bits  # noqa: E402
 from te_standin import DDPLikeHooks, StandInGroupedLinear, _StandInGroupedLinearFn  # noqa: E402
 
 import megatron_qat.megatron as mm  # noqa: E402
@@ -112,14 +114,10 @@ def _experts(layer):
     return [layer.get_parameter(f"weight{i}") for i in range(layer.num_gemms)]
 
 
-def _bits(t):
-    return t.detach().contiguous().view(torch.int32)
-
-
 def _assert_fresh(received, weights):
     """What TE got equals fake_quantize of the CURRENT master weights, bit for bit."""
     for i, (got, w) in enumerate(zip(received, weights)):
-        assert torch.equal(_bits(got), _bits(mxfp4.fake_quantize(w.detach(), BLOCK))), f"weight{i} is stale"
+        assert torch.equal(bits(got), bits(mxfp4.fake_quantize(w.detach(), BLOCK))), f"weight{i} is stale"
 
 
 def _x(rows, seed):
@@ -210,7 +208,7 @@ class _CpuTorch:
 @pytest.fixture
 def megatron_schedule(monkeypatch, tmp_path):
     """megatron-core's real ``forward_backward_no_pipelining`` with a gloo world of one."""
-    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -310,11 +308,11 @@ def test_megatron_schedule_n_microbatches_equals_uncached_bitwise(cache, megatro
     got = _train(megatron_schedule, fp8_rearm)
     for step in range(2):
         for g, w in zip(got["main_grad"][step], want["main_grad"][step]):
-            assert torch.equal(_bits(g), _bits(w)), f"main_grad differs at step {step}"
+            assert torch.equal(bits(g), bits(w)), f"main_grad differs at step {step}"
         for g, w in zip(got["params"][step], want["params"][step]):
-            assert torch.equal(_bits(g), _bits(w)), f"weights differ after step {step}"
+            assert torch.equal(bits(g), bits(w)), f"weights differ after step {step}"
     for g, w in zip(got["logprobs"], want["logprobs"]):
-        assert torch.equal(_bits(g), _bits(w))
+        assert torch.equal(bits(g), bits(w))
     # one QDQ per step (misses), the other micro-batches reuse it; the forward-only pass after the
     # last optimizer step quantizes again (the optimizer hook fired) and then reuses
     assert [s[:2] for s in got["stats"]] == [(2, 1), (4, 2)]
@@ -372,7 +370,7 @@ def test_microbatches_in_flight_share_one_copy_and_gradients_match(cache, monkey
 
     (out0, grad0, adds0, _), (out1, grad1, adds1, layer) = _grads_uncached_vs_cached(monkeypatch, run)
     for a, b in zip(out0 + grad0, out1 + grad1):
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(bits(a), bits(b))
     assert adds0 == adds1 == [0] * N
     first = layer.received[0]
     assert all(r[i] is first[i] for r in layer.received for i in range(N))
@@ -393,7 +391,7 @@ def test_activation_recompute_reuses_the_copy_and_gradients_match(cache, monkeyp
 
     (dx0, grad0, _, _), (dx1, grad1, _, layer) = _grads_uncached_vs_cached(monkeypatch, run)
     for a, b in zip(dx0 + grad0, dx1 + grad1):
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(bits(a), bits(b))
     hits, misses, _ = _stats()
     assert misses == 1 and hits == 2 * len(SPLITS) - 1  # no-grad pass and recompute both reuse
     storage = {r[0].data_ptr() for r in layer.received}
@@ -526,7 +524,7 @@ def test_megatron_optimizers_step_a_torch_optimizer(cache, monkeypatch):
     classes) end in ``torch.optim.Optimizer.step`` of the wrapped optimizer, so the global post hook
     fires (MixedPrecisionOptimizer / DistributedOptimizer: tests/gpu/test_weight_cache_gpu.py). The
     ``device="cuda"`` loss-scale tensor of FP32Optimizer is made on the CPU here."""
-    pytest.importorskip("megatron.core")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import megatron.core.optimizer.optimizer as mopt
     from megatron.core.optimizer import OptimizerConfig
 
@@ -616,7 +614,7 @@ def test_block_size_change_requantizes(cache, monkeypatch):
     mm.enable(16)  # re-configured while on
     layer(_x(10, 0), SPLITS[0])
     for got, w in zip(layer.received[-1], _experts(layer)):
-        assert torch.equal(_bits(got), _bits(mxfp4.fake_quantize(w.detach(), 16)))
+        assert torch.equal(bits(got), bits(mxfp4.fake_quantize(w.detach(), 16)))
 
 
 def test_guards_run_once_per_weight_set_never_on_a_hit(cache, monkeypatch):
@@ -690,7 +688,7 @@ def test_microbatch_backwards_in_reverse_order_and_one_never_run_land_exactly_on
 
     (out0, grad0, adds0, _), (out1, grad1, adds1, layer) = _grads_uncached_vs_cached(monkeypatch, run)
     for a, b in zip(out0 + grad0, out1 + grad1):
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(bits(a), bits(b))
     assert adds0 == adds1 == [0] * N
     assert _stats()[:2] == (len(SPLITS) - 1, 1)
 

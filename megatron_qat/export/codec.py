@@ -5,22 +5,24 @@ The training forward fake-quantizes each expert weight ``W [out, in]`` of a TEGr
 encoding the same BF16 master weights with :func:`megatron_qat.mxfp4.quantize_many` (one kernel
 launch per module on CUDA): for finite input,
 ``dequantize(*quantize(W)) == fake_quantize(W)`` bit for bit (docs/numerics.md), so the decoded
-export equals the weight the forward used.
+export equals the weight the forward used. The bytes travel as
+:class:`~megatron_qat.mxfp4.payload.MXPayload` (codes, scales, block size and rule together).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import mxfp4
-from ..numerics.format import DEFAULT_BLOCK_SIZE
+from ..mxfp4.payload import MXPayload
+from ..numerics.rules import Rule
+from ..tools.errors import ToolError
 
 
-class ExportError(ValueError):
+class ExportError(ToolError, ValueError):
     """A weight or model the exporter refuses; the message is one line naming the tensor."""
 
 
-def check_in_features(name: str, in_features: int, block_size: int = DEFAULT_BLOCK_SIZE, *, shard: bool = False) -> None:
+def check_in_features(name: str, in_features: int, block_size: int, *, shard: bool = False) -> None:
     """Refuse ``in_features % block_size != 0`` (MXFP4 blocks run along in_features).
 
     ``shard=True`` words the error for a row-parallel shard (fc2 under expert-TP: the local K is
@@ -30,17 +32,17 @@ def check_in_features(name: str, in_features: int, block_size: int = DEFAULT_BLO
         what = "local in_features (K_shard = moe_ffn_hidden_size / expert-TP)" if shard else "in_features"
         raise ExportError(
             f"{name}: {what} = {in_features} is not a multiple of the MXFP4 block size {block_size}; "
-            "MXFP4 export needs whole 32-element blocks along in_features"
+            f"MXFP4 export needs whole {block_size}-element blocks along in_features"
         )
 
 
 def quantize_experts(
-    weights: list[torch.Tensor], names: list[str], block_size: int = DEFAULT_BLOCK_SIZE, *, impl: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MXFP4-encode N expert weights ``[out, in]`` (one dtype, one device, one shape).
+    weights: list[torch.Tensor], names: list[str], block_size: int, *, rule: Rule, impl: str | None = None
+) -> MXPayload:
+    """Encode N expert weights ``[out, in]`` (one dtype, one device, one shape) under ``rule``.
 
-    Returns ``codes`` uint8 ``[N, out, in/2]`` (low nibble = even element) and ``scales`` uint8
-    ``[N, out, in/block_size]`` (E8M0). ``names[i]`` names ``weights[i]`` in errors: a
+    Returns one payload of codes uint8 ``[N, out, in/2]`` (E2M1 rules: low nibble = even element) and
+    scales uint8 ``[N, out, in/block_size]`` (E8M0). ``names[i]`` names ``weights[i]`` in errors: a
     non-finite weight is refused (ExportError naming the tensor and row), never encoded.
     """
     if not weights:
@@ -51,8 +53,7 @@ def quantize_experts(
             raise ExportError(f"{name}: expected a 2-D weight of shape {shape}, got {tuple(w.shape)}")
         check_in_features(name, w.shape[-1], block_size)
         raise_if_nonfinite(w, name)
-    pairs = mxfp4.quantize_many([w.detach() for w in weights], block_size, impl=impl)  # one launch per module
-    return torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
+    return MXPayload.stack(MXPayload.quantize_many([w.detach() for w in weights], block_size, rule=rule, impl=impl))  # one launch
 
 
 def raise_if_nonfinite(w: torch.Tensor, name: str) -> None:

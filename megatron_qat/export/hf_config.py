@@ -10,26 +10,23 @@ provenance record.
   static, uint8 E8M0 scales), format ``mxfp4-pack-quantized``, status ``compressed``; every
   non-expert ``nn.Linear`` (any 2-D ``*.weight`` that is not a routed expert) is in ``ignore``,
   as llm-compressor writes it.
-- ``megatron_qat``: version, numerics rule, block size, format, source family.
+- ``megatron_qat``: version, recipe, rule (its name and the upstream it mimics), block size, format,
+  source family.
 """
 
 from __future__ import annotations
 
-from ..numerics.constants import DEFAULT_BLOCK_SIZE
+from ..numerics.rules import Rule
 
 GPT_OSS_MODULES_TO_NOT_CONVERT = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 CT_FORMAT = "mxfp4-pack-quantized"
-NUMERICS_RULE = (
-    "FlashInfer fp4_quantize(sf_vec_size=32, sf_use_ue8m0=True): 1x32 absmax blocks along in_features, "
-    "E8M0 scale = ceil(log2(amax * RN(1/6))) (rounded up), E2M1 round-to-nearest-even, FTZ, sign of zero kept"
-)
 
 
 def gpt_oss_quantization_config() -> dict:
     return {"quant_method": "mxfp4", "modules_to_not_convert": list(GPT_OSS_MODULES_TO_NOT_CONVERT)}
 
 
-def compressed_tensors_quantization_config(ignore: list[str], block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+def compressed_tensors_quantization_config(ignore: list[str], block_size: int) -> dict:
     weights = {
         "num_bits": 4, "type": "float", "symmetric": True, "group_size": block_size, "strategy": "group",
         "dynamic": False, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8",
@@ -47,7 +44,10 @@ def compressed_tensors_quantization_config(ignore: list[str], block_size: int = 
     }
 
 
-def provenance(fmt: str, family: str, block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+def provenance(fmt: str, family: str, block_size: int, rule: Rule, recipe: str) -> dict:
+    """What made the bytes: the rule by name (:data:`megatron_qat.numerics.rules.RULES`; what
+    ``megatron-qat parity DST --source SRC`` checks them under) and the upstream it mimics, the
+    recipe it is the weight rule of, the block size."""
     from .. import __version__
 
     return {
@@ -55,6 +55,8 @@ def provenance(fmt: str, family: str, block_size: int = DEFAULT_BLOCK_SIZE) -> d
         "version": __version__,
         "format": fmt,
         "source_family": family,
-        "numerics": NUMERICS_RULE,
+        "recipe": recipe,
+        "rule": rule.name,
+        "numerics": rule.mimics,
         "block_size": block_size,
     }

@@ -27,8 +27,10 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..mxfp4.payload import MXPayload
+from ..numerics.rules import Recipe, Rule
 from .codec import ExportError, check_in_features, quantize_experts
-from .formats import LayerBytes, check_format, emit_layer
+from .formats import LayerBytes, check_format, check_numerics, emit_layer
 from .gather import ExpertGroups, gather_experts, group_size, groups_from_parallel_state, locate
 
 
@@ -111,7 +113,9 @@ def raw_biases(linear: torch.nn.Module, n: int) -> torch.Tensor | None:
     return torch.stack([b.detach() for b in biases])
 
 
-def _groups_for(experts: torch.nn.Module, groups: ExpertGroups | None) -> ExpertGroups:
+def groups_for(experts: torch.nn.Module, groups: ExpertGroups | None) -> ExpertGroups:
+    """``groups``, else the expert-TP / EP groups ``experts`` (a TEGroupedMLP) was built with, else
+    megatron's ``parallel_state``."""
     if groups is not None:
         return groups
     if hasattr(experts, "ep_group") and hasattr(experts, "tp_group"):
@@ -120,7 +124,15 @@ def _groups_for(experts: torch.nn.Module, groups: ExpertGroups | None) -> Expert
     return groups_from_parallel_state()
 
 
-def _layer_bytes(item: ExpertsModule, groups: ExpertGroups, where, block_size: int, impl) -> LayerBytes | None:
+def gather_payload(payload: MXPayload, kind: str, groups: ExpertGroups, where, glu: bool) -> MXPayload | None:
+    """:func:`~megatron_qat.export.gather.gather_experts` of codes and scales alike (``None`` on a
+    rank that receives nothing)."""
+    codes = gather_experts(payload.codes, kind, groups, where, glu=glu)
+    scales = gather_experts(payload.scales, kind, groups, where, glu=glu)
+    return None if codes is None else MXPayload(codes, scales, payload.block_size, payload.rule)
+
+
+def _layer_bytes(item: ExpertsModule, groups: ExpertGroups, where, block_size: int, rule: Rule, impl) -> LayerBytes | None:
     m = item.module
     config = m.config
     if getattr(config, "moe_mlp_glu_interleave_size", None):
@@ -135,18 +147,17 @@ def _layer_bytes(item: ExpertsModule, groups: ExpertGroups, where, block_size: i
         if role == "fc2":
             check_in_features(names[0], weights[0].shape[-1], block_size, shard=etp > 1)
         try:
-            codes, scales = quantize_experts(weights, names, block_size, impl=impl)
+            payload = quantize_experts(weights, names, block_size, rule=rule, impl=impl)
             error = None
         except ExportError as exc:  # re-raised below on every rank of the grid (no rank left waiting)
-            error, codes, scales = exc, None, None
+            error, payload = exc, None
         _agree_or_raise(error, groups, names[0])
-        out[f"{role}_codes"] = gather_experts(codes, kind, groups, where, glu=glu and role == "fc1")
-        out[f"{role}_scales"] = gather_experts(scales, kind, groups, where, glu=glu and role == "fc1")
-        del codes, scales
+        out[role] = gather_payload(payload, kind, groups, where, glu and role == "fc1")
+        del payload
         bias = raw_biases(linear, len(weights))
         bias_kind = "column" if role == "fc1" else "replicated"
         out[f"{role}_bias"] = None if bias is None else gather_experts(bias, bias_kind, groups, where, glu=glu and role == "fc1")
-    if out["fc1_codes"] is None:
+    if out["fc1"] is None:
         return None
     return LayerBytes(item.layer, glu, **out)
 
@@ -173,7 +184,8 @@ def export_mxfp4(
     family: str | None = None,
     groups: ExpertGroups | None = None,
     dst: int | None = None,
-    block_size: int = 32,
+    block_size: int | None = None,
+    rule: Rule | None = None,
     impl: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every routed-expert weight of this stage, one layer at a time.
@@ -188,27 +200,51 @@ def export_mxfp4(
             else megatron's ``parallel_state``.
         dst: ``None``: every rank of the expert grid receives every tensor (all_gather); a global
             rank of the grid: only it receives (gather), the others yield nothing.
-        block_size: MXFP4 block (32 = what the engines load).
+        block_size, rule: ``None``: what the fake-QAT forward uses (:func:`training_numerics`: the
+            running fake-QAT's block size and its recipe's weight rule, else
+            ``OPEN_TRAINING_MXFP4_BLOCK_SIZE`` / ``MEGATRON_QAT_RECIPE``). The engine formats take only
+            32-element E2M1 blocks (raw takes any).
         impl: numerics implementation (``None`` = dispatch default, as in training).
     Raises:
         ExportError: no TEGroupedMLP in the model, a non-finite weight, fc2's local K not a
             multiple of 32, a format/family mismatch, ``dst`` outside the grid.
     """
     check_format(fmt, family)
+    trained_block_size, trained_recipe = training_numerics()
+    block_size = trained_block_size if block_size is None else block_size
+    rule = trained_recipe.weights if rule is None else rule
+    check_numerics(fmt, block_size, rule)
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     items = find_expert_modules(chunks)
     if not items:
         raise ExportError("no routed-expert TEGroupedMLP (linear_fc1/linear_fc2 TEGroupedLinear) found in the model")
     where_of = {}
     for item in items:
-        g = _groups_for(item.module, groups)
+        g = groups_for(item.module, groups)
         key = (id(g.etp), id(g.ep))
         if key not in where_of:
             where_of[key] = locate(dst, g)
-        data = _layer_bytes(item, g, where_of[key], block_size, impl)
+        data = _layer_bytes(item, g, where_of[key], block_size, rule, impl)
         if data is not None:
             yield from emit_layer(data, fmt, family)
         del data
 
 
-__all__ = ["export_mxfp4", "find_expert_modules", "ExpertsModule", "raw_weights", "raw_biases"]
+def training_numerics() -> tuple[int, Recipe]:
+    """``(block size, recipe)`` the fake-QAT forward uses (its ``recipe.weights`` is the weight rule):
+    those of the running fake-QAT (:func:`megatron_qat.megatron.current`), else the environment's
+    (``OPEN_TRAINING_MXFP4_BLOCK_SIZE``, default 32; ``MEGATRON_QAT_RECIPE``, default
+    ``flashinfer-w4a16``, whose weight rule is FLASHINFER_MXFP4)."""
+    from ..config import from_env
+    from ..megatron import current
+    from ..numerics.rules import RECIPES
+
+    runtime = current()
+    if runtime is not None and runtime.active:
+        return runtime.block_size, runtime.recipe
+    cfg = from_env()
+    return cfg.block_size, RECIPES[cfg.recipe]
+
+
+__all__ = ["export_mxfp4", "find_expert_modules", "ExpertsModule", "raw_weights", "raw_biases", "groups_for",
+           "gather_payload", "training_numerics"]

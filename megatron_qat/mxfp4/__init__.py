@@ -53,6 +53,7 @@ from ..numerics.rules import (
 from . import backends, ops
 from .dispatch import resolve_impl
 from .grouped import GroupedFakeQuantizer
+from .payload import MXPayload  # noqa: F401  (codes + scales + block size + rule: the exporters' and parity's unit)
 from .ste import ActivationFakeQuantizer, fake_quantize_activation, fake_quantize_ste
 
 __all__ = [

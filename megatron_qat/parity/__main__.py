@@ -2,7 +2,7 @@
 
 import sys
 
-from .runner import main
+from ..cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m megatron_qat.parity"))
+    console_main(["parity", *sys.argv[1:]])

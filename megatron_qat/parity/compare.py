@@ -1,6 +1,7 @@
 """Bitwise comparison of ours against a reference, accumulated per tensor.
 
-Per batch of rows ``x [r, K]`` of a tensor's blocked view (``in_features`` last; finite rows only):
+Per batch of rows ``x [r, K]`` of a tensor's blocked view (``in_features`` last; finite rows only),
+in blocks of the payloads' ``block_size``:
 
 - codes: the 4-bit E2M1 codes, element by element (unpacked nibbles, as integers);
 - scales: the E8M0 bytes, block by block (as integers);
@@ -21,7 +22,6 @@ from typing import Callable
 
 import torch
 
-from ..numerics.constants import DEFAULT_BLOCK_SIZE as BLOCK
 from ..numerics.format import INT_VIEW_DTYPES as _INT_VIEW
 
 
@@ -111,11 +111,17 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor, differ: torch.Tensor) -> float:
 
 
 def compare_batch(result: TensorResult, batch: BatchInput, ref, ours, negative_zero_normalised: bool) -> None:
-    """Compare one batch and add its counts to ``result`` (first mismatch kept)."""
+    """Compare one batch and add its counts to ``result`` (first mismatch kept).
+
+    ``ref``: ``(payload, values float32)``; ``ours``: ``(payload, dequantize float32, fake_quantize
+    in x.dtype)`` (:mod:`.references`); both payloads of one block size."""
     x = batch.x
     r, k = x.shape
-    ref_codes, ref_scales, ref_values = ref
-    our_codes, our_scales, our_dequant, our_fake = ours
+    (ref_payload, ref_values), (our_payload, our_dequant, our_fake) = ref, ours
+    if ref_payload.block_size != our_payload.block_size:
+        raise ValueError(f"block sizes differ: reference {ref_payload.block_size}, ours {our_payload.block_size}")
+    block = ref_payload.block_size
+    ref_codes, ref_scales, our_codes, our_scales = ref_payload.codes, ref_payload.scales, our_payload.codes, our_payload.scales
     code_diff = _unpack(our_codes.reshape(r, -1)) != _unpack(ref_codes.reshape(r, -1))
     scale_diff = our_scales.reshape(r, -1) != ref_scales.reshape(r, -1)
     ref_in_dtype = ref_values.to(x.dtype)
@@ -139,7 +145,7 @@ def compare_batch(result: TensorResult, batch: BatchInput, ref, ours, negative_z
         _max_abs(our_dequant.reshape(r, k), ref_values, dequant_diff),
     )
     if result.first_mismatch is None:
-        any_diff = code_diff | value_diff | dequant_diff | scale_diff.repeat_interleave(BLOCK, dim=1)
+        any_diff = code_diff | value_diff | dequant_diff | scale_diff.repeat_interleave(block, dim=1)
         hits = any_diff.nonzero()
         if hits.shape[0]:
             i, j = int(hits[0, 0]), int(hits[0, 1])
@@ -148,13 +154,14 @@ def compare_batch(result: TensorResult, batch: BatchInput, ref, ours, negative_z
 
 def _describe(batch: BatchInput, i, j, code_diff, scale_diff, ref, ours, ref_in_dtype) -> dict:
     x = batch.x
-    ref_codes, ref_scales, ref_values = ref
-    our_codes, our_scales, our_dequant, our_fake = ours
+    (ref_payload, ref_values), (our_payload, our_dequant, our_fake) = ref, ours
+    block = ref_payload.block_size
+    ref_codes, ref_scales, our_codes, our_scales = ref_payload.codes, ref_payload.scales, our_payload.codes, our_payload.scales
     row = int(batch.row_ids[i])
     lead = [int(v) for v in torch.unravel_index(torch.tensor(row), batch.shape[:-1])] if len(batch.shape) > 1 else []
     index = lead + [j] if batch.to_stored is None else batch.to_stored(lead + [j])
     nib = lambda packed: int((packed.reshape(x.shape[0], -1)[i, j // 2] >> (4 * (j % 2))) & 0xF)  # noqa: E731
-    what = [n for n, hit in (("code", code_diff[i, j]), ("scale", scale_diff[i, j // BLOCK])) if bool(hit)]
+    what = [n for n, hit in (("code", code_diff[i, j]), ("scale", scale_diff[i, j // block])) if bool(hit)]
     if bool(_bits(our_fake.reshape(x.shape)[i : i + 1, j]) != _bits(ref_in_dtype[i : i + 1, j])):
         what.append("value")
     if bool(_bits(our_dequant.reshape(x.shape)[i : i + 1, j]) != _bits(ref_values[i : i + 1, j])):
@@ -164,14 +171,14 @@ def _describe(batch: BatchInput, i, j, code_diff, scale_diff, ref, ours, ref_in_
         "row": row,
         "col": j,
         "index": index,  # into the stored tensor (row/col are in the blocked view)
-        "block": j // BLOCK,
+        "block": j // block,
         "differs_in": what,
         "input": _json_float(float(xv)),
         "input_bits": f"0x{int(_bits(xv.reshape(1))[0]) & ((1 << (8 * xv.element_size())) - 1):0{2 * xv.element_size()}x}",
         "ours_code": nib(our_codes),
         "ref_code": nib(ref_codes),
-        "ours_scale": int(our_scales.reshape(x.shape[0], -1)[i, j // BLOCK]),
-        "ref_scale": int(ref_scales.reshape(x.shape[0], -1)[i, j // BLOCK]),
+        "ours_scale": int(our_scales.reshape(x.shape[0], -1)[i, j // block]),
+        "ref_scale": int(ref_scales.reshape(x.shape[0], -1)[i, j // block]),
         "ours_value": _json_float(float(our_fake.reshape(x.shape)[i, j])),
         "ref_value": _json_float(float(ref_in_dtype[i, j])),
         "ours_dequant_fp32": _json_float(float(our_dequant.reshape(x.shape)[i, j])),

@@ -1,4 +1,7 @@
-"""Golden MXFP4 model in NumPy, written independently of :mod:`megatron_qat.mxfp4`.
+"""Golden MXFP4 model in NumPy, written independently of :mod:`megatron_qat.mxfp4`, for the three
+E2M1 rules of :mod:`megatron_qat.numerics.rules` (FlashInfer's, the default; vLLM's online "even"
+scale; FlashInfer's scale with ties toward zero), chosen by plain arguments (``scale``, ``ties``,
+``ftz``) so that this module imports nothing of the package.
 
 It imports nothing from ``megatron_qat.mxfp4`` and uses different methods at every step, so
 that agreement between the two is evidence rather than a tautology:
@@ -25,6 +28,15 @@ Mimicked upstream: FlashInfer 0.7.2 ``fp4_quantize(x, None, 32, True, is_sf_swiz
 5. ``code`` = nearest E2M1 value to ``|v|`` (saturating at 6), ties to the even code; the sign
    bit (0x8) is the sign bit of ``x`` (so ``-0.0`` gives 0x8).
 
+The other rules, by their definitions in ``megatron_qat/numerics/rules.py`` (not their code):
+
+- ``scale="even"`` (vLLM 0.33 online ``downcast_to_mxfp``): amax rounded to a power of two, up when
+  its significand (in [1, 2)) is at least 1.75, read with ``np.frexp``; ``byte`` = that power's
+  biased exponent - 2, at least 0; an amax that rounds past float32 (>= 1.75 * 2**127) gives 254.
+  No FTZ: elements are ``x * 2**(127 - byte)`` for every byte (0 -> ``2**127``, 254 -> ``2**-127``).
+- ``ties="toward-zero"`` (ModelOpt / Megatron-Bridge): a value exactly halfway between two E2M1
+  magnitudes takes the smaller one.
+
 Inputs are float32 NumPy arrays ``[R, K]`` holding exactly the values of the checkpoint tensor
 (bf16 / fp16 / fp32 upcast exactly). Rows must be finite (the caller excludes the others).
 """
@@ -46,14 +58,27 @@ DECODE = np.concatenate([TABLE, -TABLE])
 _ELEMENTS_PER_STEP = 1 << 18  # bounds the [n, 8] float64 distance matrix to 16 MiB
 
 
+SCALES = ("ceil", "even")
+TIES = ("even", "toward-zero")
+
+
 def scale_bytes(amax: np.ndarray) -> np.ndarray:
-    """Steps 2-3: float32 ``amax`` (>= 0) -> int64 E8M0 byte."""
+    """Steps 2-3 (FlashInfer's CEIL rule, FTZ): float32 ``amax`` (>= 0) -> int64 E8M0 byte."""
     p = (amax.astype(np.float32) * RCP6).astype(np.float32)
     mant, expo = np.frexp(p)  # p = mant * 2**expo, mant in [0.5, 1) (0 for p == 0)
     exact_power = mant == np.float32(0.5)
     ceil_log2 = np.where(exact_power, expo.astype(np.int64) - 1, expo.astype(np.int64))
     byte = np.clip(ceil_log2 + E8M0_BIAS, 0, 254)
     return np.where(p < SMALLEST_NORMAL, 0, byte)
+
+
+def even_scale_bytes(amax: np.ndarray) -> np.ndarray:
+    """The EVEN rule: float32 ``amax`` (>= 0) -> int64 E8M0 byte (see the module docstring)."""
+    mant, expo = np.frexp(amax.astype(np.float64))  # amax = mant * 2**expo, mant in [0.5, 1); 0 -> (0, 0)
+    significand, exponent = 2.0 * mant, expo.astype(np.int64) - 1  # amax = significand * 2**exponent
+    rounded = np.where(significand >= 1.75, exponent + 1, exponent) + E8M0_BIAS  # biased exponent of the power
+    byte = np.where(rounded >= 255, 254, np.maximum(rounded - 2, 0))
+    return np.where(amax == 0, 0, byte)
 
 
 def multipliers(byte: np.ndarray) -> np.ndarray:
@@ -63,27 +88,34 @@ def multipliers(byte: np.ndarray) -> np.ndarray:
     return np.where(usable, np.ldexp(np.float32(1.0), exponent), np.float32(0.0)).astype(np.float32)
 
 
-def nearest_e2m1(magnitude: np.ndarray) -> np.ndarray:
-    """Step 5 on ``|v|`` (float32, finite or +inf): 3-bit magnitude code, RNE, saturating.
+def nearest_e2m1(magnitude: np.ndarray, ties: str = "even") -> np.ndarray:
+    """Step 5 on ``|v|`` (float32 or float64, finite or +inf): 3-bit magnitude code, saturating.
 
     For each value, take the table entries at the smallest distance; when two are equally near
-    (a tie), keep the one with the even index (E2M1's even mantissa bit)."""
+    (a tie), keep the one with the even index (``ties="even"``: E2M1's even mantissa bit) or the
+    smaller one (``ties="toward-zero"``)."""
+    if ties not in TIES:
+        raise ValueError(f"golden: ties must be one of {TIES}, got {ties!r}")
     flat = np.minimum(magnitude.reshape(-1).astype(np.float64), 6.0)
     out = np.empty(flat.shape, dtype=np.uint8)
-    parity = np.arange(8) % 2
+    # Among the nearest entries the smallest key wins: the parity of the index (even first), or the index.
+    preference = np.arange(8) % 2 if ties == "even" else np.arange(8)
     for start in range(0, flat.size, _ELEMENTS_PER_STEP):
         a = flat[start : start + _ELEMENTS_PER_STEP]
         dist = np.abs(a[:, None] - TABLE[None, :])  # exact in float64
         nearest = dist == dist.min(axis=1, keepdims=True)
-        # Among the nearest entries prefer an even index (key 0) over an odd one (key 1).
-        key = np.where(nearest, parity[None, :], 2)
+        key = np.where(nearest, preference[None, :], 8)
         out[start : start + a.size] = np.argmin(key, axis=1)
     return out.reshape(magnitude.shape)
 
 
-def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize(x: np.ndarray, *, scale: str = "ceil", ties: str = "even", ftz: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """float32 ``[R, K]`` (finite, ``K % 32 == 0``) -> (packed codes uint8 ``[R, K/2]``, low nibble
-    = even element; scale bytes uint8 ``[R, K/32]``)."""
+    = even element; scale bytes uint8 ``[R, K/32]``) under the rule ``(scale, ties, ftz)``: FlashInfer's
+    is ``("ceil", "even", True)``, vLLM online's ``("even", "even", False)``, ties-down's
+    ``("ceil", "toward-zero", True)``; CEIL is modelled with FTZ and EVEN without (as the rules are)."""
+    if (scale, ftz) not in (("ceil", True), ("even", False)):
+        raise ValueError(f"golden: no E2M1 rule with scale={scale!r}, ftz={ftz} (modelled: ceil with FTZ, even without)")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] % BLOCK:
         raise ValueError(f"golden.quantize: need float32 [R, K] with K % {BLOCK} == 0, got {x.shape}")
@@ -91,12 +123,17 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("golden.quantize: rows must be finite (exclude non-finite rows first)")
     rows, k = x.shape
     blocks = x.reshape(rows, k // BLOCK, BLOCK)
-    byte = scale_bytes(np.abs(blocks).max(axis=2))
-    mult = multipliers(byte)
-    flushed = np.where(np.abs(blocks) < SMALLEST_NORMAL, np.float32(0.0), blocks)
-    with np.errstate(under="ignore"):
-        v = (flushed * mult[:, :, None]).astype(np.float32)
-    codes = nearest_e2m1(np.abs(v)) | (np.signbit(blocks).astype(np.uint8) << 3)
+    amax = np.abs(blocks).max(axis=2)
+    if scale == "ceil":
+        byte = scale_bytes(amax)
+        mult = multipliers(byte)
+        flushed = np.where(np.abs(blocks) < SMALLEST_NORMAL, np.float32(0.0), blocks)
+        with np.errstate(under="ignore"):
+            v = (flushed * mult[:, :, None]).astype(np.float32)
+    else:  # exact in float64: a power-of-two multiple of a float32 (a result below 0.25 is code 0 either way)
+        byte = even_scale_bytes(amax)
+        v = np.ldexp(blocks.astype(np.float64), (E8M0_BIAS - byte)[:, :, None])
+    codes = nearest_e2m1(np.abs(v), ties) | (np.signbit(blocks).astype(np.uint8) << 3)
     codes = codes.reshape(rows, k)
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
     return packed, byte.astype(np.uint8)

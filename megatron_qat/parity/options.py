@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..layouts import FAMILIES
+from ..numerics.rules import RECIPES
 
 # Routed expert weights in common namings; a name matches when re.search finds this pattern.
 # The leading (?:^|\.) stops "shared_experts." (and "shared_expert.") from matching, and the
@@ -29,6 +30,7 @@ REFERENCES = ("auto", "golden", "flashinfer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.epilog = EXIT_CODES_HELP
     parser.add_argument(
         "paths",
         nargs="*",
@@ -73,6 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 instead of 3 when everything compared is identical but some selected tensors were skipped "
         "or had non-finite rows excluded (the summary still says INCOMPLETE; a run that compared nothing stays 3)",
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=None,
+        metavar="RECIPE",
+        help="the fake-QAT recipe to check (docs/engines.md): ours is compared with the golden model under the recipe's "
+        "WEIGHT rule (FlashInfer's own quantizer for flashinfer-mxfp4); an MXFP8 activation rule is compared with "
+        "flashinfer.mxfp8_quantize on a GPU of compute capability >= 10.0 (elsewhere it is not compared, and the run "
+        "is INCOMPLETE). Default: MEGATRON_QAT_RECIPE, else flashinfer-w4a16. With --source, the export's recorded "
+        f"rule must be the recipe's weight rule. Accepted: {', '.join(RECIPES)}",
     )
     parser.add_argument(
         "--reference",
@@ -127,12 +140,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-rows-shown", type=int, default=50, metavar="N", help="table rows printed on stdout (all are in --json)"
     )
     return parser
-
-
-def build_parser(prog: str = "megatron-qat parity") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Check megatron_qat's MXFP4 quantizer bit for bit against FlashInfer's fp4_quantize "
-        "or an independent golden model, on checkpoint tensors or built-in adversarial tensors. " + EXIT_CODES_HELP,
-    )
-    return add_arguments(parser)

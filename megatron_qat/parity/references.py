@@ -1,14 +1,17 @@
 """The three quantizers a parity run touches: the golden model, FlashInfer, and ours.
 
-Every reference maps a CPU tensor ``x [R, K]`` (bf16/fp16/fp32, finite rows) to
-``(codes uint8 [R, K/2], scales uint8 [R, K/32], values float32 [R, K])`` on the CPU, where
-``values`` is that reference's own decode of its codes and scales.
+Every reference implements one rule (:mod:`megatron_qat.numerics.rules`; the run checks ours under
+it) in blocks of its ``block_size``, and maps a CPU tensor ``x [R, K]`` (bf16/fp16/fp32, finite
+rows) to ``(payload, values float32 [R, K])`` on the CPU: an
+:class:`~megatron_qat.mxfp4.payload.MXPayload` (codes uint8 ``[R, K/2]``, scales uint8
+``[R, K/block_size]``) and ``values``, that reference's own decode of them.
 
-- :class:`GoldenReference` (:mod:`.golden`, NumPy, independent of megatron_qat.mxfp4): decodes
-  0x8 as -0.0.
+- :class:`GoldenReference` (:mod:`.golden`, NumPy, independent of megatron_qat.mxfp4): any of
+  the three E2M1 rules; decodes 0x8 as -0.0.
 - :class:`FlashInferReference`: ``flashinfer.fp4_quantize(x, None, 32, True,
-  is_sf_swizzled_layout=False)`` on CUDA, decoded by ``flashinfer.mxfp4_dequantize_host`` (CPU),
-  whose lookup table maps 0x8 to +0.0: value comparisons against it normalise -0.0 to +0.0.
+  is_sf_swizzled_layout=False)`` on CUDA (rule FLASHINFER_MXFP4 only), decoded by
+  ``flashinfer.mxfp4_dequantize_host`` (CPU), whose lookup table maps 0x8 to +0.0: value
+  comparisons against it normalise -0.0 to +0.0.
 - :class:`Ours`: ``megatron_qat.mxfp4.quantize`` / ``dequantize`` / ``fake_quantize``.
 """
 
@@ -16,10 +19,13 @@ from __future__ import annotations
 
 import torch
 
+from ..mxfp4.payload import MXPayload
+from ..numerics.constants import DEFAULT_BLOCK_SIZE
+from ..numerics.rules import FLASHINFER_MXFP4, Element, Rule, ScaleRounding
 from .canary import canary, canary_problems
 from .errors import ParityError
 
-from ..numerics.constants import DEFAULT_BLOCK_SIZE as BLOCK
+SF_VEC_SIZE = DEFAULT_BLOCK_SIZE  # fp4_quantize's sf_vec_size: the only MXFP4 block FlashInfer implements
 SM100 = (10, 0)
 FLASHINFER_DEVICE = "cuda:0"  # where fp4_quantize runs (tests substitute "cpu" with a fake module)
 SM100_ONLY = (
@@ -28,12 +34,24 @@ SM100_ONLY = (
 )
 
 
+def golden_arguments(rule: Rule) -> dict:
+    """``rule`` as :func:`.golden.quantize`'s plain arguments; ParityError for a rule it does not model."""
+    if rule.element is not Element.E2M1:
+        raise ParityError(f"rule {rule.name}: the golden model implements the E2M1 (MXFP4) rules only")
+    return {"scale": "even" if rule.scale is ScaleRounding.EVEN else "ceil", "ties": rule.ties.value, "ftz": rule.ftz}
+
+
 class GoldenReference:
     name = "golden"
     decodes_negative_zero = True  # 0x8 -> -0.0
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, rule: Rule = FLASHINFER_MXFP4):
+        from . import golden
+
         self.reason = reason
+        self.rule = rule
+        self.arguments = golden_arguments(rule)
+        self.block_size = golden.BLOCK
 
     def unsupported(self, dtype: torch.dtype) -> str | None:
         return None
@@ -41,15 +59,17 @@ class GoldenReference:
     def quantize(self, x: torch.Tensor):
         from . import golden
 
-        codes, scales = golden.quantize(x.float().numpy())
+        codes, scales = golden.quantize(x.float().numpy(), **self.arguments)
         values = golden.decode(codes, scales)
-        return torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(values)
+        return MXPayload(torch.from_numpy(codes), torch.from_numpy(scales), self.block_size, self.rule), torch.from_numpy(values)
 
     def describe(self) -> dict:
         return {
             "name": self.name,
             "reason": self.reason,
-            "implementation": "megatron_qat.parity.golden (NumPy, independent of megatron_qat.mxfp4)",
+            "implementation": "megatron_qat.parity.golden (NumPy, independent of megatron_qat.mxfp4), "
+            + ", ".join(f"{k}={v!r}" for k, v in self.arguments.items()),
+            "rule": self.rule.name,
             "decodes_0x8_as": "-0.0",
             "negative_zero_normalised": False,
         }
@@ -59,10 +79,13 @@ class FlashInferReference:
     name = "flashinfer"
     decodes_negative_zero = False  # mxfp4_dequantize_host's table maps 0x8 to +0.0
 
+    rule = FLASHINFER_MXFP4  # fp4_quantize(sf_use_ue8m0=True) is this rule; no other
+
     def __init__(self, flashinfer_module, device: str, reason: str):
         self.fi = flashinfer_module
         self.device = device
         self.reason = reason
+        self.block_size = SF_VEC_SIZE
 
     def unsupported(self, dtype: torch.dtype) -> str | None:
         if dtype not in (torch.bfloat16, torch.float16):
@@ -72,7 +95,7 @@ class FlashInferReference:
     def _poison(self, rows: int, k: int) -> None:
         """Fill then free buffers the size of fp4_quantize's outputs, so that a kernel that writes
         nothing hands back 0xA5 bytes instead of stale (possibly correct-looking) data."""
-        sizes = (rows * k // 2, ((rows + 15) // 16) * 16 * k // BLOCK)
+        sizes = (rows * k // 2, ((rows + 15) // 16) * 16 * k // self.block_size)
         bufs = [torch.full((n,), 0xA5, dtype=torch.uint8, device=self.device) for n in sizes]
         del bufs
 
@@ -80,21 +103,22 @@ class FlashInferReference:
         rows, k = x.shape
         xd = x.to(self.device).contiguous()
         self._poison(rows, k)
-        codes, sf = self.fi.fp4_quantize(xd, None, BLOCK, True, is_sf_swizzled_layout=False)
+        bs = self.block_size
+        codes, sf = self.fi.fp4_quantize(xd, None, bs, True, is_sf_swizzled_layout=False)
         codes = codes.view(torch.uint8).reshape(rows, k // 2).cpu().contiguous()
         # Linear layout: the first rows * K/32 bytes, row-major (some versions return the padded
         # flat buffer, newer ones [rows, K/32]; both start with the same bytes).
-        scales = sf.view(torch.uint8).reshape(-1)[: rows * (k // BLOCK)].reshape(rows, k // BLOCK).cpu().contiguous()
-        values = self.fi.mxfp4_dequantize_host(codes, scales, BLOCK).float()
-        return codes, scales, values
+        scales = sf.view(torch.uint8).reshape(-1)[: rows * (k // bs)].reshape(rows, k // bs).cpu().contiguous()
+        values = self.fi.mxfp4_dequantize_host(codes, scales, bs).float()
+        return MXPayload(codes, scales, bs, self.rule), values
 
     def check_canary(self) -> None:
         x, _, _, _ = canary()
         try:
-            codes, scales, values = self.quantize(x)
+            payload, values = self.quantize(x)
         except Exception as exc:  # JIT build or launch failure: reported, exit 2
             raise ParityError(f"--reference flashinfer: fp4_quantize failed on the canary ({type(exc).__name__}: {exc})") from exc
-        problems = canary_problems(codes, scales, values)
+        problems = canary_problems(payload.codes, payload.scales, values)
         if problems:
             raise ParityError(
                 f"--reference flashinfer: the canary failed on {_gpu_name(self.device)}: " + "; ".join(problems)
@@ -112,6 +136,7 @@ class FlashInferReference:
             "decodes_0x8_as": "+0.0",
             "negative_zero_normalised": True,
             "canary": "passed",
+            "rule": self.rule.name,
         }
 
 
@@ -128,14 +153,21 @@ def _import_flashinfer():
     return flashinfer
 
 
-def choose_reference(choice: str, allow_unsupported_gpu: bool):
-    """``auto`` / ``golden`` / ``flashinfer`` -> a reference (canary already passed for FlashInfer).
+def choose_reference(choice: str, allow_unsupported_gpu: bool, rule: Rule = FLASHINFER_MXFP4):
+    """``auto`` / ``golden`` / ``flashinfer`` -> a reference of ``rule`` (canary already passed for FlashInfer).
 
-    Raises ParityError (exit 2) when ``flashinfer`` is requested but unusable."""
+    Raises ParityError (exit 2) when ``flashinfer`` is requested but unusable (or cannot make ``rule``)."""
     if choice == "golden":
-        return GoldenReference("requested with --reference golden")
+        return GoldenReference("requested with --reference golden", rule)
     if allow_unsupported_gpu and choice != "flashinfer":
         raise ParityError("--allow-unsupported-gpu only applies to --reference flashinfer")
+    if rule is not FLASHINFER_MXFP4:
+        if choice == "flashinfer":
+            raise ParityError(
+                f"--reference flashinfer: fp4_quantize makes rule {FLASHINFER_MXFP4.name}, not {rule.name} (the recipe's "
+                "weight rule); use --reference golden"
+            )
+        return GoldenReference(f"auto: FlashInfer has no quantizer of rule {rule.name}", rule)
     if not torch.cuda.is_available():
         if choice == "flashinfer":
             raise ParityError("--reference flashinfer needs a CUDA GPU; none is visible. Use --reference golden.")
@@ -164,11 +196,14 @@ def choose_reference(choice: str, allow_unsupported_gpu: bool):
 
 
 class Ours:
-    """megatron_qat.mxfp4 on ``device`` with ``impl`` (None: its own dispatch)."""
+    """megatron_qat.mxfp4 on ``device`` with ``impl`` (None: its own dispatch), under the
+    reference's rule and in blocks of its ``block_size``."""
 
-    def __init__(self, device: str, impl: str | None):
+    def __init__(self, device: str, impl: str | None, block_size: int, rule: Rule = FLASHINFER_MXFP4):
         self.device = device
         self.impl = impl
+        self.block_size = block_size
+        self.rule = rule
 
     def check(self, dtypes) -> None:
         """Before the run: the requested implementation (``--impl`` / ``MEGATRON_QAT_KERNEL``) can run on
@@ -177,7 +212,7 @@ class Ours:
 
         for dtype in sorted(dtypes, key=str):
             try:
-                resolve_impl(torch.zeros(1, BLOCK, dtype=dtype, device=self.device), self.impl)
+                resolve_impl(torch.zeros(1, self.block_size, dtype=dtype, device=self.device), self.impl)
             except (ValueError, RuntimeError) as exc:  # the dispatch's refusal of a bad or impossible choice
                 where = "--impl" if self.impl is not None else "the environment"
                 raise ParityError(f"megatron_qat.mxfp4 cannot run as {where} asks on {self.device}: {exc}".replace("impl=", "--impl=")) from None
@@ -188,14 +223,14 @@ class Ours:
         return resolve_impl(x[:1].to(self.device), self.impl)
 
     def run(self, x: torch.Tensor):
-        """-> (codes [R, K/2], scales [R, K/32], dequantize(float32) [R, K], fake_quantize in x.dtype)."""
+        """-> (payload [R, K], its dequantize(float32) [R, K], fake_quantize in x.dtype [R, K]), on the CPU."""
         from megatron_qat import mxfp4
 
         xd = x.to(self.device)
-        codes, scales = mxfp4.quantize(xd, BLOCK, impl=self.impl)
-        dq = mxfp4.dequantize(codes, scales, torch.float32, BLOCK)
-        fq = mxfp4.fake_quantize(xd, BLOCK, impl=self.impl)
-        return codes.cpu(), scales.cpu(), dq.cpu(), fq.cpu()
+        payload = MXPayload.quantize(xd, self.block_size, rule=self.rule, impl=self.impl)
+        dq = payload.dequantize(torch.float32)
+        fq = mxfp4.fake_quantize(xd, self.block_size, impl=self.impl, rule=self.rule)
+        return payload.cpu(), dq.cpu(), fq.cpu()
 
     def describe(self) -> dict:
-        return {"module": "megatron_qat.mxfp4", "device": self.device, "impl_requested": self.impl}
+        return {"module": "megatron_qat.mxfp4", "device": self.device, "impl_requested": self.impl, "rule": self.rule.name}

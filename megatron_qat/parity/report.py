@@ -1,5 +1,5 @@
 """What a parity run prints (table + summary on stdout) and writes (``--json``, schema in
-docs/parity.md, ``"schema": "megatron-qat.parity/2"``).
+docs/parity.md, ``"schema": "megatron-qat.parity/3"``).
 
 The summary line's head says what the exit code means: ``PARITY OK`` (0; ``PARITY OK (SAMPLED)``
 when ``--sample-rows`` chose a subset), ``PARITY MISMATCH`` (1), ``PARITY INCOMPLETE`` (3, or 0
@@ -8,14 +8,12 @@ when nothing was compared (3)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 
+from ..tools.progress import count
 from .compare import NOT_COMPARED, TensorResult
 
-SCHEMA = "megatron-qat.parity/2"
+SCHEMA = "megatron-qat.parity/3"
 
 
 def totals(results: list[TensorResult]) -> dict:
@@ -35,13 +33,6 @@ def totals(results: list[TensorResult]) -> dict:
     return out
 
 
-def _human(n: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 def summary_line(doc: dict) -> str:
     t = doc["totals"]
     ref = doc["reference"]["name"]
@@ -49,24 +40,28 @@ def summary_line(doc: dict) -> str:
     where = f"ours=megatron_qat.mxfp4[{','.join(ours['impls']) or '-'}] on {ours['device']}"
     status, reasons = doc["status"], "; ".join(doc["incomplete"])
     sampled = f"; sampled {t['rows_selected']} of {t['rows_total']} rows (--sample-rows)" if doc["sampled"] else ""
+    act = doc.get("activations")
+    activations = "" if act is None else f"; activation rule {act['rule']}: {act['status']}" + (
+        f" ({act['code_mismatches']} codes, {act['scale_mismatches']} scales, {act['value_mismatches']} values differ)"
+        if act["status"] == "mismatch" else "")
     if status == "nothing compared":
         return f"PARITY NOT RUN (INCOMPLETE): nothing compared of {t['tensors_selected']} selected tensors: {reasons} (see the table)"
     if status == "mismatch":
         head = "PARITY MISMATCH"
         body = (
-            f"{t['tensors_mismatched']} tensor(s) differ from {ref}: {t['code_mismatches']} codes, {t['scale_mismatches']} "
+            f"{t['tensors_mismatched']} tensor(s) differ from {ref} under rule {doc['rule']}: {t['code_mismatches']} codes, {t['scale_mismatches']} "
             f"scales, {t['value_mismatches']} values, {t['dequant_mismatches']} fp32 decodes; max |diff| {t['max_abs_diff']}"
         )
     else:
-        body = f"codes, scale bytes and values bit-identical to {ref}"
+        body = f"codes, scale bytes and values bit-identical to {ref} under rule {doc['rule']}"
         if status == "incomplete":
             head = "PARITY OK (INCOMPLETE, allowed by --allow-incomplete)" if doc["exit_code"] == 0 else "PARITY INCOMPLETE"
         else:
             head = "PARITY OK (SAMPLED)" if doc["sampled"] else "PARITY OK"
     extra = f"; INCOMPLETE: {reasons}" if reasons else ""
     return (
-        f"{head}: {t['tensors_compared'] - t['tensors_not_compared']} tensors, {_human(t['elements_compared'])} elements, {body} "
-        f"(reference={ref}: {doc['reference']['reason']}; {where}){sampled}{extra}"
+        f"{head}: {t['tensors_compared'] - t['tensors_not_compared']} tensors, {count(t['elements_compared'])} elements, {body} "
+        f"(reference={ref}: {doc['reference']['reason']}; {where}){activations}{sampled}{extra}"
     )
 
 
@@ -76,7 +71,7 @@ def table(results: list[TensorResult], max_rows: int) -> str:
     shown = sorted(results, key=lambda r: (r.status == "equal" and r.complete, r.skipped))[:max_rows]
     for r in shown:
         status = "SKIP" if r.skipped else ("DIFF" if r.mismatched else ("NONE" if r.status == NOT_COMPARED else ("OK" if r.complete else "PART")))
-        elems = _human(r.elements_compared) + ("" if r.rows_compared == r.rows_total else f" ({r.rows_compared}/{r.rows_total} rows)")
+        elems = count(r.elements_compared) + ("" if r.rows_compared == r.rows_total else f" ({r.rows_compared}/{r.rows_total} rows)")
         cells = (status, r.name, "x".join(map(str, r.shape)), r.dtype, _blocked(r))
         rows.append(
             (*cells, elems, str(r.code_mismatches), str(r.scale_mismatches), str(r.value_mismatches + r.dequant_mismatches), f"{r.max_abs_diff:g}")
@@ -89,7 +84,7 @@ def table(results: list[TensorResult], max_rows: int) -> str:
     lines = [fmt(header)] + [fmt(row) for row in rows]
     if len(results) > len(shown):
         lines.append(f"... {len(results) - len(shown)} more equal tensors (all in --json)")
-    lines.append("blocked: the stored dim the 32-blocks run along (in_features), family:role from the layout table")
+    lines.append("blocked: the stored dim the MXFP4 blocks run along (in_features), family:role from the layout table")
     for r in results:
         if r.first_mismatch:
             m = r.first_mismatch
@@ -107,20 +102,3 @@ def _blocked(r: TensorResult) -> str:
     lay = r.layout or {}
     what = ":".join(v for v in (lay.get("family"), lay.get("role")) if v) or lay.get("rule", "")
     return f"dim{lay.get('blocked_dim')} {what}".strip()
-
-
-def write_json(path: str, doc: dict) -> None:
-    """Write ``doc`` to ``path`` atomically (a temporary file in the same directory, then rename):
-    never a half-written report."""
-    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".parity-", suffix=".json.tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -1,11 +1,19 @@
 """One parity run: resolve sources and layouts, pick the reference, compare tensor by tensor, report.
 
-Returns the exit code (:mod:`.errors`): 0 every selected tensor compared in full (or the
-``--sample-rows`` sample) and identical; 1 any mismatch; 2 usage/environment error (raised as
-:class:`ParityError`, one line on stderr, and a ``--json`` report with ``"status": "error"`` where
-the path is writable); 3 identical where compared but incomplete (tensors skipped, rows excluded
-as non-finite, a tensor with no finite row, nothing compared); ``--allow-incomplete`` turns 3 into
-0 unless nothing at all was compared."""
+:func:`run` returns the exit code (:class:`megatron_qat.tools.errors.ExitCode`): 0 every selected
+tensor compared in full (or the ``--sample-rows`` sample) and identical; 1 any mismatch; 3
+identical where compared but incomplete (tensors skipped, rows excluded as non-finite, a tensor
+with no finite row, nothing compared; ``--allow-incomplete`` turns 3 into 0 unless nothing at all
+was compared). A usage or environment error is raised (a
+:class:`~megatron_qat.tools.errors.ToolError`); ``megatron_qat/cli.py`` prints it as one line
+(exit 2) after :func:`record_error` wrote it into the ``--json`` report where that path is writable.
+``PATH --source SRC`` is the export check, :func:`megatron_qat.export.verify.run_check`.
+
+The rule checked is the WEIGHT rule of ``--recipe`` (default ``MEGATRON_QAT_RECIPE``, else
+``flashinfer-w4a16``: FlashInfer's MXFP4); a recipe with an MXFP8 activation rule also compares
+that with FlashInfer's activation quantizer where it runs (:mod:`.activations`): a mismatch there
+is exit 1, a comparison that could not run makes the run incomplete.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +21,16 @@ import argparse
 import os
 import re
 import shlex
-import sys
-import tempfile
 import time
 
 import torch
 
+from ..tools.atomic import probe_writable, write_json
+from ..tools.errors import ExitCode
 from .compare import NOT_COMPARED, BatchInput, TensorResult, compare_batch
-from .errors import EXIT_EQUAL, EXIT_ERROR, EXIT_INCOMPLETE, EXIT_MISMATCH, ParityError
-from .progress import Progress
-from .report import SCHEMA, summary_line, table, totals, write_json
+from .errors import ParityError
+from .options import DEFAULT_INCLUDE
+from .report import SCHEMA, summary_line, table, totals
 from .rows import plan_batches, sampled_rows
 from .sources import TensorEntry, iter_entries, resolve, synthetic_entries
 from .tensor_layout import assign, check_pairs, run_family, synthetic_layout
@@ -37,17 +45,12 @@ def _json_problem(path: str) -> str | None:
         return f"--json {path}: directory {parent} does not exist"
     if os.path.exists(path) and not os.access(path, os.W_OK):
         return f"--json {path}: not writable"
-    try:  # what write_json does: a temporary file in that directory (os.access says yes to root and on read-only mounts)
-        fd, probe = tempfile.mkstemp(prefix=".parity-", suffix=".json.tmp", dir=parent)
-    except OSError as exc:
-        return f"--json {path}: directory {parent} is not writable ({exc.strerror or type(exc).__name__})"
-    os.close(fd)
-    os.unlink(probe)
-    return None
+    why = probe_writable(parent)
+    return None if why is None else f"--json {path}: directory {parent} is not writable ({why})"
 
 
 def _write_report(path: str, doc: dict) -> None:
-    """write_json, an OSError (disk full, directory removed meanwhile) as a one-line ParityError."""
+    """The one JSON writer; an OSError (disk full, directory removed meanwhile) as a one-line ParityError."""
     try:
         write_json(path, doc)
     except OSError as exc:
@@ -69,27 +72,40 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ParityError("--device cuda: no CUDA GPU is visible (use --device cpu)")
 
 
+def _no_match(entries: list[TensorEntry], shown: str, paths: list[str]) -> ParityError:
+    from ..export.checkpoint import QUANTIZED_SUFFIXES
+
+    quantized = next((e.name for e in entries if e.name.endswith(QUANTIZED_SUFFIXES)), None)
+    if quantized is not None:
+        return ParityError(
+            f"{', '.join(paths)} holds quantized tensors ({quantized.rsplit('.', 1)[-1]}), not BF16 weights: "
+            "to check an MXFP4 export against its BF16 checkpoint, add --source SRC"
+        )
+    example = ", ".join(e.name for e in entries[:3])
+    return ParityError(f"no tensor name in {', '.join(paths)} matches {shown} ({len(entries)} tensors" + (f", e.g. {example})" if entries else ")"))
+
+
 def _select(entries: list[TensorEntry], pattern: str, paths: list[str]) -> list[TensorEntry]:
-    shown = f"--include {shlex.quote(pattern)}"  # pasteable back into a shell, backslashes as typed
+    if pattern == DEFAULT_INCLUDE:
+        shown = "the default --include (routed-expert weights; --help shows the pattern)"
+    else:
+        shown = f"--include {shlex.quote(pattern)}"  # pasteable back into a shell, backslashes as typed
     try:
         regex = re.compile(pattern)
     except re.error as exc:
         raise ParityError(f"{shown}: not a valid regular expression ({exc})") from exc
     selected = [e for e in entries if regex.search(e.name)]
     if not selected:
-        example = ", ".join(e.name for e in entries[:3])
-        raise ParityError(
-            f"no tensor name in {', '.join(paths)} matches {shown} ({len(entries)} tensors" + (f", e.g. {example})" if entries else ")")
-        )
+        raise _no_match(entries, shown, paths)
     return selected
 
 
-def _compare_tensor(entry: TensorEntry, args, reference, ours, progress: Progress) -> TensorResult:
+def _compare_tensor(entry: TensorEntry, args, reference, ours, progress) -> TensorResult:
     result = TensorResult(
         entry.name, entry.file, list(entry.shape), entry.dtype_name, entry.numel, layout=entry.layout,
         blocked_shape=list(entry.blocked_shape), rows_total=entry.rows,
     )
-    reason = entry.skip_reason or reference.unsupported(entry.dtype)
+    reason = entry.skip_reason(reference.block_size) or reference.unsupported(entry.dtype)
     if reason:
         result.status = reason
         return result
@@ -131,30 +147,45 @@ def incomplete_reasons(results: list[TensorResult]) -> list[str]:
     return reasons
 
 
-def outcome(results: list[TensorResult], allow_incomplete: bool) -> tuple[str, int, list[str]]:
-    """(status, exit code, incomplete reasons) of a finished run."""
+def outcome(results: list[TensorResult], allow_incomplete: bool, activations: dict | None = None) -> tuple[str, ExitCode, list[str]]:
+    """(status, exit code, incomplete reasons) of a finished run (``activations``: :mod:`.activations`' result)."""
     reasons = incomplete_reasons(results)
-    if any(r.mismatched for r in results):
-        return "mismatch", EXIT_MISMATCH, reasons
+    if activations is not None and activations["status"] == "not compared":
+        reasons.append(f"activation rule {activations['rule']} not compared: {activations['reason']}")
+    if any(r.mismatched for r in results) or (activations is not None and activations["status"] == "mismatch"):
+        return "mismatch", ExitCode.MISMATCH, reasons
     if not any(r.rows_compared for r in results):
-        return "nothing compared", EXIT_INCOMPLETE, reasons  # never a pass, --allow-incomplete or not
+        return "nothing compared", ExitCode.INCOMPLETE, reasons  # never a pass, --allow-incomplete or not
     if reasons:
-        return "incomplete", EXIT_EQUAL if allow_incomplete else EXIT_INCOMPLETE, reasons
-    return "equal", EXIT_EQUAL, reasons
+        return "incomplete", ExitCode.OK if allow_incomplete else ExitCode.INCOMPLETE, reasons
+    return "equal", ExitCode.OK, reasons
 
 
-def _base_doc(args: argparse.Namespace) -> dict:
+def _recipe(args: argparse.Namespace):
+    from .. import config
+    from ..numerics.rules import RECIPES
+
+    return RECIPES[args.recipe or config.recipe_name()]
+
+
+def _base_doc(args: argparse.Namespace, block_size: int | None) -> dict:
     from megatron_qat import __version__
 
     synthetic = args.synthetic or not args.paths
+    try:
+        recipe = _recipe(args)
+    except ValueError:  # a malformed MEGATRON_QAT_RECIPE: the error being recorded
+        recipe = None
     return {
         "schema": SCHEMA,
         "tool_version": __version__,
         "status": "error",
-        "exit_code": EXIT_ERROR,
+        "exit_code": int(ExitCode.ERROR),
         "sources": ["synthetic"] if synthetic else list(args.paths),
         "include": None if synthetic else args.include,
-        "block_size": 32,
+        "block_size": block_size,
+        "recipe": recipe.name if recipe else None,
+        "rule": recipe.weights.name if recipe else None,
         "options": {
             "limit": args.limit, "sample_rows": args.sample_rows, "chunk_elements": args.chunk_elements,
             "layout": args.layout, "allow_incomplete": args.allow_incomplete,
@@ -163,33 +194,13 @@ def _base_doc(args: argparse.Namespace) -> dict:
 
 
 def _run_export_check(args: argparse.Namespace) -> int:
-    """``parity DST --source SRC``: :func:`megatron_qat.export.verify.verify_export` (the shipped
-    bytes of an export decode to exactly ``fake_quantize(SRC)``; other tensors byte-identical)."""
+    """``parity DST --source SRC``: the export check, through the one door both CLIs use."""
     if len(args.paths) != 1 or args.synthetic:
         raise ParityError("--source SRC checks one MXFP4 export: give exactly one PATH (the export directory)")
-    from ..export.codec import ExportError
-    from ..export.verify import verify_export
+    from ..export.verify import PARITY_RERUN, run_check
 
-    try:
-        result = verify_export(args.paths[0], args.source, family=args.layout)
-    except ExportError as exc:
-        raise ParityError(str(exc)) from exc
-    print(result.summary())
-    if args.json:
-        _write_report(args.json, {
-            **_base_doc(args),
-            "mode": "export",
-            "source": args.source,
-            "status": "equal" if result.ok else "mismatch",
-            "exit_code": result.exit_code,
-            "format": result.format,
-            "expert_tensors": result.expert_tensors,
-            "copied_tensors": result.copied_tensors,
-            "mismatches": result.mismatches,
-            "missing": result.missing,
-            "extra": result.extra,
-        })
-    return EXIT_EQUAL if result.ok else EXIT_MISMATCH
+    return run_check(args.paths[0], args.source, family=args.layout, recipe=args.recipe, rerun=PARITY_RERUN,
+                     json_path=args.json, report=_base_doc(args, None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,28 +229,29 @@ def run(args: argparse.Namespace) -> int:
     if not synthetic:
         check_pairs(selected, layout["family"])
 
+    from ..tools.progress import Progress
+    from .activations import check_activations
     from .references import Ours, choose_reference
 
-    reference = choose_reference(args.reference, args.allow_unsupported_gpu)
-    ours = Ours(device, args.impl)
-    ours.check({e.dtype for e in selected if not e.skip_reason and not reference.unsupported(e.dtype)})
-    planned = sum(
-        (min(e.rows, args.sample_rows) if args.sample_rows else e.rows) * e.k for e in selected if not e.skip_reason
-    )
-    progress = Progress(planned, len(selected), enabled=not args.quiet)
+    recipe = _recipe(args)
+    reference = choose_reference(args.reference, args.allow_unsupported_gpu, recipe.weights)
+    block_size = reference.block_size
+    compared = [e for e in selected if not e.skip_reason(block_size) and not reference.unsupported(e.dtype)]
+    ours = Ours(device, args.impl, block_size, recipe.weights)
+    ours.check({e.dtype for e in compared})
+    planned = sum((min(e.rows, args.sample_rows) if args.sample_rows else e.rows) * e.k for e in compared)
     results = []
-    try:
+    with Progress("parity", len(selected), planned, noun="tensors", enabled=not args.quiet) as progress:
         for entry in selected:
             results.append(_compare_tensor(entry, args, reference, ours, progress))
-            progress.tensor_done(entry.name)
-    finally:
-        progress.close()
+            progress.advance(items=1)
 
-    status, code, reasons = outcome(results, args.allow_incomplete)
+    activations = check_activations(recipe, args.reference, args.allow_unsupported_gpu, device, args.impl)
+    status, code, reasons = outcome(results, args.allow_incomplete, activations)
     doc = {
-        **_base_doc(args),
+        **_base_doc(args, block_size),
         "status": status,
-        "exit_code": code,
+        "exit_code": int(code),
         "complete": not reasons,
         "incomplete": reasons,
         "sampled": any(r.rows_selected < r.rows_total for r in results if not r.skipped),
@@ -249,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         "totals": {**totals(results), "elapsed_s": round(time.perf_counter() - started, 3)},
         "notes": notes,
         "tensors": [r.to_json() for r in results],
+        "activations": activations,
     }
     print(table(results, args.max_rows_shown))
     for note in notes:
@@ -259,25 +272,13 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def main(argv: list[str] | None = None, prog: str = "megatron-qat parity") -> int:
-    from .options import build_parser
-
-    args = build_parser(prog).parse_args(argv)
-    return run_and_report_errors(args)
-
-
-def run_and_report_errors(args: argparse.Namespace) -> int:
-    """:func:`run`, with a usage/environment error printed as one line on stderr (exit 2) and, when
-    ``--json`` is writable, recorded there as ``{"status": "error", "exit_code": 2, "error": ...}``."""
+def record_error(args: argparse.Namespace, text: str) -> str:
+    """A refused run, recorded where ``--json`` is writable as ``{"status": "error", "exit_code": 2,
+    "error": ...}``; returns a note for the error line when the report cannot be written."""
+    if not args.json or _json_problem(args.json):
+        return ""
     try:
-        return run(args)
-    except ParityError as exc:
-        message = str(exc).replace("\n", " ")
-        unwritten = ""
-        if args.json and not _json_problem(args.json):
-            try:
-                write_json(args.json, {**_base_doc(args), "error": message})
-            except OSError as write_exc:  # still one line: the error, and that the report is missing
-                unwritten = f" (--json {args.json} not written: {write_exc.strerror or type(write_exc).__name__})"
-        print(f"megatron-qat parity: error: {message}{unwritten}", file=sys.stderr)
-        return EXIT_ERROR
+        write_json(args.json, {**_base_doc(args, None), "error": text})
+    except OSError as exc:  # still one line: the error, and that the report is missing
+        return f" (--json {args.json} not written: {exc.strerror or type(exc).__name__})"
+    return ""

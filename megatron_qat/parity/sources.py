@@ -6,8 +6,10 @@ header) and reads a range of its rows on demand. safetensors tensors are read th
 ``safe_open(...).get_slice(name)[...]``, so only the requested rows of one tensor are ever in
 memory. ``.pt`` files are opened with ``torch.load(map_location="cpu", weights_only=True,
 mmap=True)`` (legacy non-zip files fall back to ``mmap=False``, noted in the report).
+safetensors files are read by the tools' one reader (:mod:`megatron_qat.tools.safetensors_files`,
+shared with ``megatron-qat export``): a corrupt or truncated file is a one-line error naming it.
 
-Rows: blocks of 32 run along ``in_features``, which is not always the last stored dimension
+Rows: MXFP4 blocks run along ``in_features``, which is not always the last stored dimension
 (gpt-oss stores ``[E, in, out]``). An entry has ``in_dim`` (set from :mod:`megatron_qat.layouts`
 by the runner; the last dimension until then) and is read as its *blocked view*: the stored
 tensor with ``in_dim`` moved last, ``R = prod(blocked_shape[:-1])`` rows of ``K = shape[in_dim]``
@@ -19,20 +21,16 @@ one expert, read with ``get_slice`` and transposed.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
+from ..numerics.format import SUPPORTED_DTYPES
+from ..tools import safetensors_files
 from .errors import ParityError
-
-# safetensors dtype strings -> torch dtypes we can quantize; other float types are "unsupported".
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_ST_FLOAT_UNSUPPORTED = ("F64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4")
-SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass
@@ -43,10 +41,10 @@ class TensorEntry:
     name: str
     file: str | None
     shape: tuple[int, ...]  # as stored
-    dtype_name: str  # as stored ("BF16", "torch.bfloat16", ...)
-    dtype: torch.dtype | None  # None unless it is one of SUPPORTED
+    dtype_name: str  # as stored ("BF16", "bfloat16", ...)
+    dtype: torch.dtype | None  # None unless it is one MXFP4 quantizes (numerics.format.SUPPORTED_DTYPES)
     dtype_skip: str | None
-    read_stored: Callable[[tuple], torch.Tensor] = field(repr=False)
+    read_stored: Callable[[tuple], torch.Tensor]
     in_dim: int | None = None  # the in_features dim of the stored shape; None: the last one
     layout: dict | None = None  # what decided in_dim (family, role, ...), for the report
 
@@ -72,9 +70,9 @@ class TensorEntry:
     def k(self) -> int:
         return self.blocked_shape[-1] if self.shape else 0
 
-    @property
-    def skip_reason(self) -> str | None:
-        return self.dtype_skip or _shape_skip(self.blocked_shape)
+    def skip_reason(self, block_size: int) -> str | None:
+        """Why this tensor cannot be compared in blocks of ``block_size`` (``None``: it can)."""
+        return self.dtype_skip or _shape_skip(self.blocked_shape, block_size)
 
     @property
     def rows(self) -> int:
@@ -111,7 +109,7 @@ def _dtype_skip(dtype_name: str, floating: bool) -> str | None:
     return f"skipped: dtype {dtype_name} not supported (accepted: bfloat16, float16, float32)"
 
 
-def _shape_skip(shape: tuple[int, ...], block: int = 32) -> str | None:
+def _shape_skip(shape: tuple[int, ...], block: int) -> str | None:
     if len(shape) == 0:
         return "skipped: 0-d tensor (need [..., K])"
     if math.prod(shape) == 0:
@@ -119,10 +117,6 @@ def _shape_skip(shape: tuple[int, ...], block: int = 32) -> str | None:
     if shape[-1] % block:
         return f"skipped: K={shape[-1]} not a multiple of {block}"
     return None
-
-
-def _index_text(index: tuple) -> str:
-    return ", ".join(f"{i.start or ''}:{'' if i.stop is None else i.stop}" if isinstance(i, slice) else str(i) for i in index)
 
 
 def _row_index(shape: tuple[int, ...], start: int, stop: int) -> tuple:
@@ -141,59 +135,19 @@ def _row_index(shape: tuple[int, ...], start: int, stop: int) -> tuple:
 
 
 # --------------------------------------------------------------------------- safetensors
-def _open_safetensors(path: str):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(path, framework="pt", device="cpu")
-    except Exception as exc:  # SafetensorError, OSError: reported with the file name, exit 2
-        raise ParityError(f"{path}: cannot read the safetensors header ({type(exc).__name__}: {exc})") from exc
-
-
-def safetensors_entries(path: str, names: list[str] | None = None) -> list[TensorEntry]:
-    """Entries of one .safetensors file (``names``: restrict to these, in this order)."""
-    handle = _open_safetensors(path)
-    present = list(handle.keys())
-    if names is None:
-        names = present
-    else:
-        missing = sorted(set(names) - set(present))
-        if missing:
-            raise ParityError(f"{path}: the index lists {len(missing)} tensor(s) absent from this shard, e.g. {missing[0]!r}")
+def safetensors_entries(path: str) -> list[TensorEntry]:
+    """Entries of a safetensors checkpoint path (a file or an index; CheckpointError names a bad file)."""
+    checkpoint = safetensors_files.open_checkpoint(path)
     entries = []
-    for name in names:
-        sl = handle.get_slice(name)
-        shape = tuple(int(d) for d in sl.get_shape())
-        dname = sl.get_dtype()
-        dtype = _ST_DTYPES.get(dname)
-        skip = None if dtype is not None else _dtype_skip(dname, dname.startswith("F") or dname == "BF16")
+    for info in checkpoint.infos():
+        handle = checkpoint.file(info)
+        skip = None if info.quantizable else _dtype_skip(info.dtype_name, info.floating)
+        dtype = info.dtype if info.quantizable else None
 
-        def read(index: tuple, _name=name) -> torch.Tensor:
-            try:
-                return handle.get_slice(_name)[index]
-            except Exception as exc:
-                raise ParityError(f"{path}: reading {_name}[{_index_text(index)}] failed: {exc}") from exc
+        def read(index: tuple, _name=info.name, _handle=handle) -> torch.Tensor:
+            return _handle.read_slice(_name, index)
 
-        entries.append(TensorEntry(name, path, shape, dname, dtype, skip, read))
-    return entries
-
-
-def index_entries(index_path: str) -> list[TensorEntry]:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ParityError(f"{index_path}: not a readable safetensors index (need a JSON object with 'weight_map'): {exc}") from exc
-    base = os.path.dirname(index_path)
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(name)
-    for shard in by_shard:
-        if not os.path.isfile(os.path.join(base, shard)):
-            raise ParityError(f"{index_path}: shard {shard!r} listed in weight_map not found in {base or '.'}")
-    entries: list[TensorEntry] = []
-    for shard in sorted(by_shard):
-        entries.extend(safetensors_entries(os.path.join(base, shard), by_shard[shard]))
+        entries.append(TensorEntry(info.name, info.file, info.shape, info.dtype_name, dtype, skip, read))
     return entries
 
 
@@ -243,7 +197,7 @@ def load_torch(path: str, trust_pickle: bool, notes: list[str]) -> dict[str, tor
 
 def _tensor_entry(name: str, file: str | None, t: torch.Tensor) -> TensorEntry:
     shape = tuple(t.shape)
-    if t.dtype in SUPPORTED:
+    if t.dtype in SUPPORTED_DTYPES:
         skip, dtype = None, t.dtype
     else:
         skip, dtype = _dtype_skip(str(t.dtype).replace("torch.", ""), t.dtype.is_floating_point), None
@@ -266,12 +220,9 @@ _TORCH_EXT = (".pt", ".pth", ".bin")
 
 def _directory_files(path: str) -> list[tuple[str, str]]:
     """(kind, file) for a checkpoint directory: index > safetensors > torch files > Megatron layout."""
-    indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
-    if len(indexes) > 1:
-        raise ParityError(f"{path}: several safetensors indexes {[os.path.basename(i) for i in indexes]}; pass one of them")
-    if indexes:
-        return [("index", indexes[0])]
-    shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index, shards = safetensors_files.find(path)
+    if index is not None:
+        return [("safetensors", index)]
     if shards:
         return [("safetensors", s) for s in shards]
     torch_files = sorted(f for ext in _TORCH_EXT for f in glob.glob(os.path.join(path, "*" + ext)))
@@ -305,9 +256,7 @@ def resolve(paths: list[str]) -> list[tuple[str, str]]:
             raise ParityError(f"{p}: no such file or directory")
         if os.path.isdir(p):
             out.extend(_directory_files(p))
-        elif p.endswith(".safetensors.index.json"):
-            out.append(("index", p))
-        elif p.endswith(".safetensors"):
+        elif p.endswith((safetensors_files.INDEX_SUFFIX, safetensors_files.FILE_SUFFIX)):
             out.append(("safetensors", p))
         elif p.endswith(_TORCH_EXT):
             out.append(("torch", p))
@@ -320,9 +269,7 @@ def resolve(paths: list[str]) -> list[tuple[str, str]]:
 
 def iter_entries(files: list[tuple[str, str]], trust_pickle: bool, notes: list[str]) -> Iterator[TensorEntry]:
     for kind, f in files:
-        if kind == "index":
-            yield from index_entries(f)
-        elif kind == "safetensors":
+        if kind == "safetensors":
             yield from safetensors_entries(f)
         else:
             yield from torch_entries(f, trust_pickle, notes)

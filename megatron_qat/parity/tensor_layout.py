@@ -1,7 +1,8 @@
 """Which dimension of each selected tensor the MXFP4 blocks run along (``in_features``).
 
 The checkpoint family comes from ``--layout`` or from the ``config.json`` next to the checkpoint
-(``model_type`` / ``architectures``, :func:`megatron_qat.layouts.family_from_config`); every
+(``model_type`` / ``architectures``, :func:`megatron_qat.layouts.family_from_config`); ``--layout``
+may override the config only with a family stored alike (:func:`megatron_qat.layouts.check_override`); every
 selected tensor is then classified by :func:`megatron_qat.layouts.classify`:
 
 - a routed-expert tensor of the table: its ``in_dim`` (gpt-oss ``[E, in, out]``: dim 1);
@@ -15,7 +16,16 @@ from __future__ import annotations
 
 import os
 
-from ..layouts import FAMILIES, LayoutError, check_family, check_fused_pairs, classify, config_path_for, family_from_config_file
+from ..layouts import (
+    FAMILIES,
+    LayoutError,
+    check_family,
+    check_fused_pairs,
+    check_override,
+    classify,
+    config_path_for,
+    family_from_config_file,
+)
 from .errors import ParityError
 from .sources import TensorEntry
 
@@ -38,6 +48,7 @@ def run_family(layout: str | None, paths: list[str], notes: list[str]) -> tuple[
             problem = str(exc)
     if layout is not None:
         for cfg, fam in found.items():
+            check_override(layout, fam, cfg)  # only a family stored alike (LayoutError: exit 2)
             if fam != layout:
                 notes.append(f"--layout {layout} overrides {cfg} (which says {fam})")
         return layout, "--layout", None

@@ -19,10 +19,12 @@ def require_gpu_stack() -> None:
     megatron-core are all there: the GPU suite runs on the lent GPU (shared/device/README.md)."""
     import pytest
 
+    from _helpers import require
+
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (run on the lent GPU)", allow_module_level=True)
-    pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed (GPU machine: see shared/device/README.md)")
-    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    require("transformer_engine.pytorch", "Transformer Engine is not installed (GPU machine: see shared/device/README.md)")
+    require("megatron.core", "megatron-core is not installed")
 
 HIDDEN, FFN, EXPERTS, TOPK, TOKENS = 256, 128, 4, 2, 64
 

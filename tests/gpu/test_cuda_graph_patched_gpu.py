@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.megatron]
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 import _moe_harness as H  # noqa: E402
+from _helpers import bits  # noqa: E402
 
 H.require_gpu_stack()
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -65,11 +66,6 @@ def _patched(monkeypatch):
     megatron_qat.enable(32)
     yield
     megatron_qat.disable()
-
-
-def _bits(t):
-    t = t.detach().contiguous()
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
 class _HostToDeviceWatch(TorchDispatchMode):
@@ -153,10 +149,10 @@ def _eager(module, params, x, dy, fusion):
 
 def _assert_same(got, want, what):
     (out, dx, grads), (out_w, dx_w, grads_w) = got, want
-    assert torch.equal(_bits(out), _bits(out_w)), f"{what}: output differs from eager"
-    assert torch.equal(_bits(dx), _bits(dx_w)), f"{what}: input gradient differs from eager"
+    assert torch.equal(bits(out), bits(out_w)), f"{what}: output differs from eager"
+    assert torch.equal(bits(dx), bits(dx_w)), f"{what}: input gradient differs from eager"
     for i, (g, w) in enumerate(zip(grads, grads_w)):
-        assert torch.equal(_bits(g), _bits(w)), f"{what}: weight{i} gradient differs from eager"
+        assert torch.equal(bits(g), bits(w)), f"{what}: weight{i} gradient differs from eager"
 
 
 @pytest.mark.parametrize("fusion", [False, True], ids=["grad", "fused-main-grad"])
@@ -222,9 +218,9 @@ def test_captured_patched_grouped_linear_replays_eager_bits_and_sees_in_place_up
     for p, g in zip(params, static_grads):
         p.grad = None if fusion else g  # give the graph's static .grad tensors back
     want_new = _eager(module, params, x, dy, fusion)
-    assert not torch.equal(_bits(want_new[0]), _bits(want[0])), "the update did not change the output"
+    assert not torch.equal(bits(want_new[0]), bits(want[0])), "the update did not change the output"
     with torch.no_grad():
         eager_fakes = module._get_weight_tensors()  # outside TE's forward: uncached, fresh
     for i, (q, p) in enumerate(zip(eager_fakes, params)):
-        assert torch.equal(_bits(q), _bits(mxfp4.fake_quantize(p.detach(), 32))), f"eager weight{i} stale"
+        assert torch.equal(bits(q), bits(mxfp4.fake_quantize(p.detach(), 32))), f"eager weight{i} stale"
     _assert_same(replay(), want_new, "replay after the in-place update")

@@ -59,9 +59,13 @@ def _gpu_session(megatron_gpu):
     yield
 
 
-@pytest.mark.parametrize("fmt", ["raw", "gpt-oss"])
-def test_export_decodes_to_the_weights_the_forward_used(fmt):
-    megatron_qat.enable()
+@pytest.mark.parametrize("fmt,recipe", [("raw", "flashinfer-w4a16"), ("gpt-oss", "flashinfer-w4a16"),
+                                        ("raw", "vllm-online-w4a16"), ("gpt-oss", "modelopt-w4a16")])
+def test_export_decodes_to_the_weights_the_forward_used(fmt, recipe):
+    """The export follows the running recipe's weight rule (issue 15 item 5): no rule is passed."""
+    from megatron_qat.numerics.rules import RECIPES
+
+    megatron_qat.enable(recipe=recipe)
     layer = H.build_moe_layer(H.make_config(fusion=False))
     seen = _record_forward_weights(layer)
     x, dy = H.micro_batches(1)[0]
@@ -80,5 +84,5 @@ def test_export_decodes_to_the_weights_the_forward_used(fmt):
                 if role == "fc1":  # gpt-oss interleaves gate/up rows; Megatron fc1 is [gate; up]
                     codes = torch.cat([codes[0::2], codes[1::2]])
                     scales = torch.cat([scales[0::2], scales[1::2]])
-            decoded = mxfp4.dequantize(codes, scales, used.dtype)
+            decoded = mxfp4.dequantize(codes, scales, used.dtype, rule=RECIPES[recipe].weights)
             assert torch.equal(decoded.view(torch.int16), used.view(torch.int16)), f"{fmt} {role} expert {e}"

@@ -12,7 +12,9 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")]
 
-pytest.importorskip("triton", reason="the triton extra is not installed (pip install -e '.[triton]')")
+from _helpers import bits, require  # noqa: E402
+
+require("triton", "the triton extra is not installed (pip install -e '.[triton]')")
 
 from megatron_qat import mxfp4  # noqa: E402
 from megatron_qat.numerics.families import ALL_FAMILIES, compare_bits, make  # noqa: E402
@@ -34,10 +36,6 @@ def _warm_up(fn):
     return out
 
 
-def _bits(t):
-    return t.view(torch.int16)
-
-
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 def test_captured_grouped_fake_quant_replays_bit_identical_to_eager(dtype):
     ws = _experts(dtype=dtype)
@@ -50,7 +48,7 @@ def test_captured_grouped_fake_quant_replays_bit_identical_to_eager(dtype):
     graph.replay()
     torch.cuda.synchronize()
     for i, (out, ref, w) in enumerate(zip(static_out, eager, ws)):
-        assert torch.equal(_bits(out), _bits(ref)), f"expert {i}"
+        assert torch.equal(bits(out), bits(ref)), f"expert {i}"
         assert compare_bits(out, fake_quantize_reference(w)) is None, f"expert {i}"
     # the optimizer updates weights in place (same pointers): the next replay sees the new values
     with torch.no_grad():
@@ -106,4 +104,4 @@ def test_single_tensor_fake_quant_is_capturable(impl):
         static_out = mxfp4.fake_quantize(x, impl=impl)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(_bits(static_out), _bits(eager))
+    assert torch.equal(bits(static_out), bits(eager))

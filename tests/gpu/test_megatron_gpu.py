@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.megatron]
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 import _moe_harness as H  # noqa: E402
+from _helpers import bits, require  # noqa: E402
 
 H.require_gpu_stack()
 
@@ -52,12 +53,8 @@ def _always_disable():
     megatron_qat.disable()
 
 
-def _bits(t):
-    return t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
 def _equal_bits(a, b):
-    return a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+    return a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 def _pair(fusion):
@@ -236,7 +233,7 @@ def test_e_fake_weights_keep_offloading_marking_and_info_lines(caplog):
     with the patched module count and kernel. Written for the lent GPU; not run yet."""
     import logging
 
-    offload = pytest.importorskip("megatron.core.pipeline_parallel.fine_grained_activation_offload")
+    offload = require("megatron.core.pipeline_parallel.fine_grained_activation_offload", "megatron-core >= 0.16 (fine-grained activation offloading)")
     manager = offload.PipelineOffloadManager.get_instance()
     megatron_qat.enable(32)
     with caplog.at_level(logging.INFO, logger="megatron_qat"):

@@ -22,7 +22,9 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.megatron]
 
-pytest.importorskip("tensorboard", reason="tensorboard is in the [test] extra")
+from _helpers import require  # noqa: E402
+
+require("tensorboard", "tensorboard is in the [test] extra")
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _moe_harness as H  # noqa: E402

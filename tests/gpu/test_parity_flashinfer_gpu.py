@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from _helpers import require
 from megatron_qat.parity import main
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +34,7 @@ def test_flashinfer_refused_below_sm100(capsys):
 def test_canary_catches_sm90_garbage(capsys):
     if _cap() >= (10, 0):
         pytest.skip(f"GPU is sm_{_cap()[0]}{_cap()[1]}: the canary is expected to pass there")
-    pytest.importorskip("flashinfer", reason="flashinfer not importable: run `source /opt/mqat/env.sh` first")
+    require("flashinfer", "flashinfer not importable: run `source /opt/mqat/env.sh` first")
     assert main(["--quiet", "--reference", "flashinfer", "--allow-unsupported-gpu"]) == 2
     err = capsys.readouterr().err
     print(err)  # shown with -s: what FlashInfer returned on this GPU
@@ -50,7 +51,7 @@ def test_ours_on_cuda_matches_golden(tmp_path, capsys):
 
 @pytest.mark.sm100
 def test_flashinfer_real_comparison_on_synthetic(tmp_path, capsys):
-    pytest.importorskip("flashinfer", reason="flashinfer not importable: run `source /opt/mqat/env.sh` first")
+    require("flashinfer", "flashinfer not importable: run `source /opt/mqat/env.sh` first")
     path = tmp_path / "r.json"
     code = main(["--quiet", "--reference", "flashinfer", "--json", str(path)])
     out = capsys.readouterr().out

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.megatron]
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 import _moe_harness as H  # noqa: E402
+from _helpers import bits  # noqa: E402
 
 H.require_gpu_stack()
 
@@ -41,10 +42,6 @@ from megatron_qat.megatron.cache import STATE_ATTR  # noqa: E402
 @pytest.fixture(scope="module", autouse=True)
 def _gpu_session(megatron_gpu):
     yield
-
-
-def _bits(t):
-    return t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
 def _grouped_modules(model):
@@ -97,17 +94,17 @@ def test_distributed_optimizer_updates_are_picked_up_next_step(overlap_param_gat
             assert entry.plain is not None
             for i, fake in enumerate(entry.plain):
                 want = mxfp4.fake_quantize(module.get_parameter(f"weight{i}").detach(), 32)
-                assert torch.equal(_bits(fake), _bits(want)), f"step {step}: stale cached weight{i}"
+                assert torch.equal(bits(fake), bits(want)), f"step {step}: stale cached weight{i}"
         grads = {n: p.main_grad.clone() for n, p in masters.items()}
         megatron_qat.disable()
         ref = _reference_from(layer, config)
         ref_model = H.wrap_ddp(ref, config, overlap_grad_reduce=False)
         ref_outs = [H.forward_backward(ref_model, x, dy) for x, dy in batches]
         for a, b in zip(outs, ref_outs):
-            assert torch.equal(_bits(a), _bits(b)), f"step {step}: output differs from the fake-weight reference"
+            assert torch.equal(bits(a), bits(b)), f"step {step}: output differs from the fake-weight reference"
         ref_params = H.expert_weights(ref)
         for name, g in grads.items():
-            assert torch.equal(_bits(g), _bits(ref_params[name].main_grad)), f"step {step}: {name} main_grad"
+            assert torch.equal(bits(g), bits(ref_params[name].main_grad)), f"step {step}: {name} main_grad"
         megatron_qat.enable(32)
         update_ok, _, _ = optimizer.step()
         assert update_ok
@@ -135,4 +132,4 @@ def test_cache_on_equals_cache_off_bitwise(monkeypatch):
         runs.append(outs + grads)
         megatron_qat.disable()
     for a, b in zip(*runs):
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(bits(a), bits(b))

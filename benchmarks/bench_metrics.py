@@ -10,9 +10,12 @@ same weights (``mxfp4.GroupedFakeQuantizer``, the hot path) and a device-to-devi
 Shapes: ``bench_qdq.SHAPES`` (the six real per-rank shapes). Target (issue 14, item 4): the
 statistics kernel costs at most 2x the QDQ kernel on the same weights. Before timing, every kernel
 row is checked against the torch pass: counters, histogram and per-expert counts equal, float64
-sums within 1e-12 (their summation order differs; docs/metrics.md). Times are CUDA-event times
-of back-to-back calls, inputs rotated so that L2 never holds them; median / IQR / min of the
-samples; host us = CPU time to issue one call. Needs a CUDA GPU.
+sums within 1e-12 (their summation order differs; docs/metrics.md). GPU times and host times are
+measured as in bench_qdq.py (``gpu_ms``: batches of back-to-back calls queued behind a sleep
+kernel, between CUDA events; ``host_us``: CPU time to issue one call), inputs rotated so that L2
+never holds them; median / IQR / min of the samples. The torch pass launches thousands of small
+kernels per call and is host-paced: it is timed one call per sample between CUDA events. Needs a
+CUDA GPU.
 """
 
 from __future__ import annotations
@@ -21,12 +24,10 @@ import argparse
 import datetime
 import math
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from bench_qdq import ROTATE_BYTES, SHAPES, _slug, _stats
+from bench_qdq import CALLS_PER_SAMPLE, ROTATE_BYTES, SHAPES, _slug, _stats, gpu_ms, host_us
 
 TARGET_RATIO = 2.0  # statistics kernel time / QDQ kernel time
 # other launch shapes of the statistics kernel: (elements per tile, warps, programs per SM)
@@ -37,34 +38,27 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="markdown output (default benchmarks/results/metrics_<gpu>.md)")
     ap.add_argument("--quick", action="store_true", help="smoke run: first shape only, 5 repeats")
-    ap.add_argument("--repeats", type=int, default=30, help="timed samples per kernel row (10 calls each)")
+    ap.add_argument("--repeats", type=int, default=30, help=f"timed samples per kernel row ({CALLS_PER_SAMPLE} calls each)")
     ap.add_argument("--torch-repeats", type=int, default=3, help="timed samples of the torch pass (1 call each)")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     return ap.parse_args(argv)
 
 
-def _time(fn, inputs, samples: int, calls: int) -> tuple[list[float], list[float]]:
-    """(GPU ms per call, host us per call) of ``samples`` batches of ``calls`` back-to-back calls
-    ``fn(inputs[i % len(inputs)])`` between two CUDA events, after one warm-up call per input
-    (each module's table built, kernels compiled)."""
+def _torch_pass_ms(fn, inputs, samples: int) -> list[float]:
+    """GPU-event milliseconds of single calls of the (host-paced) torch pass, after one warm-up."""
     import torch
 
-    warmup = len(inputs)
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
+    fn(inputs[0])
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(samples)]
-    host, i = [], warmup
-    for start, end in events:
+    out = []
+    for i in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn(inputs[i % len(inputs)])
-            i += 1
-        host.append((time.perf_counter() - t0) / calls * 1e6)
+        fn(inputs[i % len(inputs)])
         end.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) / calls for s, e in events], host
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
 
 
 def _check(got, want) -> str | None:
@@ -102,26 +96,23 @@ def bench_shape(shape, dtype, args) -> list[dict]:
         return [(make(), ws) for ws in lists]  # one per "module", as the runtime keeps them
 
     impls = {
-        "torch pass (before)": ((lambda ws: block_stats.measure(ws, 32, impl="reference")), lists, args.torch_repeats, 1),
-        "stats kernel": ((lambda m: m[0](m[1])), per_list(lambda: block_stats.GroupedStats(32, impl="triton")),
-                         args.repeats, 10),
-    }  # fmt: skip
+        "torch pass (before)": ((lambda ws: block_stats.measure(ws, 32, impl="reference")), lists),
+        "stats kernel": ((lambda m: m[0](m[1])), per_list(lambda: block_stats.GroupedStats(32, impl="triton"))),
+    }
     for elems, warps, per_sm in LAUNCH_VARIANTS:
         def run(m, elems=elems, warps=warps, per_sm=per_sm):
             return triton_stats.module_stats(m[1], 32, tables=m[0], elems_per_tile=elems, num_warps=warps,
                                              programs=per_sm * sms)  # fmt: skip
 
-        impls[f"stats kernel [e={elems},w={warps},p={per_sm}/SM]"] = (run, per_list(triton_stats.StatsTableSlot),
-                                                                     args.repeats, 10)  # fmt: skip
-    impls["QDQ grouped (GroupedFakeQuantizer)"] = ((lambda m: m[0](m[1])),
-                                                  per_list(lambda: mxfp4.GroupedFakeQuantizer(32, impl="triton")),
-                                                  args.repeats, 10)  # fmt: skip
+        impls[f"stats kernel [e={elems},w={warps},p={per_sm}/SM]"] = (run, per_list(triton_stats.StatsTableSlot))
+    impls["QDQ grouped (GroupedFakeQuantizer)"] = (
+        (lambda m: m[0](m[1])), per_list(lambda: mxfp4.GroupedFakeQuantizer(32, impl="triton")))
     dst = torch.empty(numel, dtype=dtype, device="cuda")
     flat = [torch.cat([w.reshape(-1) for w in ws]) for ws in lists[:2]]
-    impls["copy (read + write)"] = ((lambda x: dst.copy_(x)), flat, args.repeats, 10)
+    impls["copy (read + write)"] = ((lambda x: dst.copy_(x)), flat)
 
     rows = []
-    for name, (fn, inputs, samples, calls) in impls.items():
+    for name, (fn, inputs) in impls.items():
         row = {"model": model, "layer": layer, "shape": f"[{e}, {n}, {k}]", "impl": name, "error": None}
         if name.startswith("stats kernel"):
             out = fn(inputs[0])
@@ -130,9 +121,12 @@ def bench_shape(shape, dtype, args) -> list[dict]:
                 c, h = len(block_stats.COUNT_FIELDS), block_stats.SCALE_BINS
                 out = block_stats.LocalStats(sums, ints[:c], ints[c : c + h], ints[c + h :], 32, want.expert_ids)
             row["error"] = _check(out, want)
-        if row["error"] is None:
-            ms, host = _time(fn, inputs, samples, calls)
-            row.update(_stats(ms), host_us=statistics.median(host))
+        if row["error"] is not None:
+            pass
+        elif name.startswith("torch pass"):
+            row.update(_stats(_torch_pass_ms(fn, inputs, args.torch_repeats)), host_us=None)
+        else:
+            row.update(_stats(gpu_ms(fn, inputs, args.repeats)), host_us=host_us(fn, inputs))
         rows.append(row)
     torch.cuda.empty_cache()
 
@@ -163,7 +157,8 @@ def fmt_row(r) -> str:
         return head + f" - | - | - | - | - | - | - | {_verdict(r)} |"
     of_qdq = f"{r['of_qdq']:.2f}x" if r.get("of_qdq") is not None else "-"
     speed = f"{r['speedup']:.1f}x" if r.get("speedup") is not None else "-"
-    return head + (f" {r['median']:.3f} | {r['iqr']:.3f} | {r['min']:.3f} | {r['host_us']:.0f} | {r['gbs']:.0f} | "
+    host = f"{r['host_us']:.0f}" if r.get("host_us") is not None else "-"
+    return head + (f" {r['median']:.3f} | {r['iqr']:.3f} | {r['min']:.3f} | {host} | {r['gbs']:.0f} | "
                    f"{of_qdq} | {speed} | {_verdict(r)} |")  # fmt: skip
 
 
@@ -182,8 +177,9 @@ def render(rows, args, device_name) -> str:
         f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
         f"Python {platform.python_version()}",
         f"- command: `python {' '.join(sys.argv)}`",
-        f"- dtype {args.dtype}, block size 32; weights normal(0, 0.02); kernel rows: {args.repeats} samples of 10 "
-        f"back-to-back calls, torch pass: {args.torch_repeats} samples of 1 call (CUDA events); median / IQR / min "
+        f"- dtype {args.dtype}, block size 32, rule flashinfer-mxfp4; weights normal(0, 0.02); kernel rows: "
+        f"{args.repeats} samples of {CALLS_PER_SAMPLE} back-to-back calls queued behind a sleep kernel (bench_qdq's "
+        f"gpu_ms), torch pass: {args.torch_repeats} samples of 1 host-paced call (CUDA events); median / IQR / min "
         f"per call; inputs rotated over >= {ROTATE_BYTES >> 20} MiB",
         f"- stats kernel default launch: {triton_stats.ELEMS_PER_TILE} elements per tile, {triton_stats.NUM_WARPS} "
         f"warps, {triton_stats.PROGRAMS_PER_SM} programs per SM; GB/s: bytes read (statistics) or read + written "

@@ -601,8 +601,9 @@ def engine_experts(tr: Trainer, variant: Variant) -> tuple[dict, dict]:
                 pair.append(w.to(torch.bfloat16, copy=True))
             experts[item.layer] = tuple(pair)
         return experts, info
-    shipped = dict(export_mxfp4([tr.gpt], "raw"))
     flashinfer = rule("FLASHINFER_MXFP4")
+    # the engines of the shipped variants load FlashInfer-rule bytes; (d) trains ties-down yet ships these
+    shipped = dict(export_mxfp4([tr.gpt], "raw", rule=flashinfer))
     differ = not_flashinfer = total = 0
     for item in items:
         names = layouts.hf_expert_names("megatron", item.layer)

@@ -146,6 +146,7 @@ def _graph_replay(quantizer, ws):
         graph.replay()
         return outs
 
+    replay.keep_alive = quantizer  # the graph reads the quantizer's pointer table: it must outlive the graph
     return replay
 
 

@@ -32,7 +32,8 @@ linear); and every target of issues 14 and 15 as "met" or "MISSED by X".
 Fitting an 80 GB card: the parameters, fp32 gradient buffer and the distributed optimizer's fp32
 master + Adam states (18 bytes per parameter on one rank) plus the logits must fit; ``--fit``
 (default on) shrinks the vocabulary (never the expert shapes, the layer count or the sequence) until
-the estimate fits 75% of the card, and prints and records what was scaled.
+the estimate fits 75% of the card -- an 80 GB H100 unless ``--fit-gib`` says otherwise, so that the
+run is the same on an H200 -- and prints and records what was scaled.
 
 No Apex on the lent GPU: megatron-core's non-TE ``ColumnParallelLinear`` (the output layer) needs
 ``fused_weight_gradient_mlp_cuda`` for gradient-accumulation fusion; ``benchmarks/_gpu_env.py``
@@ -52,12 +53,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +119,9 @@ def parse_args(argv=None):
     ap.add_argument("--profile", type=Path, default=None, help="also write one torch.profiler trace per row here")
     ap.add_argument("--no-fit", dest="fit", action="store_false",
                     help="keep the model's vocabulary even if the memory estimate exceeds 75%% of the card")
+    ap.add_argument("--shape-json", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one shape's rows
+    ap.add_argument("--fit-gib", type=float, default=80.0,
+                    help="fit the model to a card of this many GiB (default 80: an H100; at most the card's own size)")
     args = ap.parse_args(argv)
     if args.layers < 4:
         ap.error("--layers must be >= 4 (issue 9: at least 4 layers, attention included)")
@@ -338,7 +345,7 @@ def _run_rows(shape: Shape, args) -> tuple[list[dict], dict]:
     from megatron.core.extensions.transformer_engine import TEGroupedLinear
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    vocab, scaled = fit_vocab(shape, args, torch.cuda.get_device_properties(0).total_memory)
+    vocab, scaled = fit_vocab(shape, args, min(torch.cuda.get_device_properties(0).total_memory, args.fit_gib * 2**30))
     if scaled:
         print(f"{shape.name}: {scaled}", flush=True)
     model, optimizer, config, topk = _build(shape, args, vocab)
@@ -515,18 +522,45 @@ def main(argv=None) -> int:
     from _gpu_env import ensure_fused_wgrad
 
     wgrad = ensure_fused_wgrad()  # before megatron-core is imported
-    _init_distributed()
+    if args.shape_json is not None:  # one shape in this process (the parent's child): rows to JSON
+        _init_distributed()
+        rows, info = _run_rows(SHAPES[args.shapes[0]], args)
+        args.shape_json.write_text(json.dumps({"rows": rows, "info": info}))
+        return 0
     rows, infos = [], {}
-    for key in args.shapes:
-        shape_rows, info = _run_rows(SHAPES[key], args)
-        rows += shape_rows
-        infos[SHAPES[key].name] = info
+    for key in args.shapes:  # each shape in its own process: nothing of one model outlives it
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "rows.json"
+            child = [sys.executable, __file__, *_argv_without_shapes(argv), "--shapes", key, "--shape-json", str(path)]
+            done = subprocess.run(child)
+            if done.returncode != 0 or not path.exists():
+                print(f"bench_step.py: the {key} run failed (exit {done.returncode}); the rows so far:", file=sys.stderr)
+                break
+            result = json.loads(path.read_text())
+        for row in result["rows"]:
+            row["counts"] = tuple(row["counts"])
+        rows += result["rows"]
+        infos[SHAPES[key].name] = result["info"]
         print(_report(rows, infos, args, wgrad), flush=True)
     out = args.out or ROOT / "benchmarks" / "results" / f"step_{_slug(torch.cuda.get_device_name(0))}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_report(rows, infos, args, wgrad))
     print(f"wrote {out}")
-    return 0
+    return 0 if len(infos) == len(args.shapes) else 1
+
+
+def _argv_without_shapes(argv) -> list[str]:
+    """The command line minus ``--shapes ...`` (the parent gives each child one shape)."""
+    out, skipping = [], False
+    for a in (sys.argv[1:] if argv is None else list(argv)):
+        if a == "--shapes":
+            skipping = True
+            continue
+        if skipping and not a.startswith("--"):
+            continue
+        skipping = False
+        out.append(a)
+    return out
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ in our ``FakeQATUnavailableError`` naming the installed versions, a second impor
 again, the direct import too, and an optimizer step must be refused even after a caller swallowed
 every error (``except Exception``).
 
-Releases: every line of ``.ci/megatron-core-releases``, installed by ``.ci/run`` into
+Releases: every line of ``.ci/megatron-core-releases`` (Python 3.11; ``.ci/megatron-core-releases-py312``
+on Python >= 3.12, where megatron-core 0.17+ install), installed by ``.ci/run`` into
 ``.ci-mcore/<version>`` and put first on PYTHONPATH, plus the one installed in the venv (the
 swallowed path on each; a fresh interpreter whose first import is the extension module on the oldest;
 the venv's direct path is tests/test_autoload.py). A missing directory skips with the reason locally
@@ -34,9 +35,10 @@ from _helpers import require, require_that
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 FLAG = "OPEN_TRAINING_MXFP4_FAKE_QAT_FLAG"
+RELEASES_FILE = REPO / ".ci" / ("megatron-core-releases" if sys.version_info < (3, 12) else "megatron-core-releases-py312")
 RELEASES = [
     line.strip()
-    for line in (REPO / ".ci" / "megatron-core-releases").read_text().splitlines()
+    for line in RELEASES_FILE.read_text().splitlines()
     if line.strip() and not line.startswith("#")
 ]
 OURS = "FakeQATUnavailableError"

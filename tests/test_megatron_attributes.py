@@ -1,9 +1,11 @@
 """The fake-quantized weights carry what Megatron set on the expert Parameters (issue 8, item 4).
 
-Uses megatron-core's REAL marking and checking code (0.16.1 in the venv):
-``PipelineOffloadManager.mark_not_offloadable`` (what ``GPTModel.preprocess_for_fine_grained_offloading``
-calls on every decoder Parameter) and ``ChunkOffloadHandler.tensor_need_offloading_checker`` (what
-decides, per tensor saved for backward, whether it is shipped to host), plus
+Uses megatron-core's REAL marking and checking code: ``PipelineOffloadManager.mark_not_offloadable``
+(0.16; ``offloading_activation = False``) / ``mark_not_offload`` (0.19; ``_do_not_offload = True``),
+what ``GPTModel.preprocess_for_fine_grained_offloading`` calls on every decoder Parameter, and
+``ChunkOffloadHandler.tensor_need_offloading_checker`` (what decides, per tensor saved for backward,
+whether it is shipped to host; 0.19's refuses any CPU tensor, so there the attributes the marking
+set are compared instead), plus
 ``tensor_parallel.set_tensor_model_parallel_attributes`` and the ``allreduce`` flag
 ``TEGroupedLinear.__init__`` sets. Both manager methods are called unbound: their constructors
 allocate CUDA streams, and neither method reads anything from ``self`` but
@@ -34,8 +36,20 @@ offload = require(
 
 
 def _needs_offloading(tensor) -> bool:
-    checker = offload.ChunkOffloadHandler.tensor_need_offloading_checker
-    return checker(SimpleNamespace(min_offloaded_tensor_size=0), tensor)
+    handler = offload.ChunkOffloadHandler
+    self = SimpleNamespace(min_offloaded_tensor_size=0)
+    if hasattr(handler, "_can_manage_tensor_for_offload"):  # megatron-core 0.19: a staticmethod it calls
+        self._can_manage_tensor_for_offload = handler._can_manage_tensor_for_offload
+    return handler.tensor_need_offloading_checker(self, tensor)
+
+
+def _mark_not_offload(p) -> dict:
+    """megatron-core's marking of ``p`` (the method was renamed in 0.19); returns what it set on ``p``."""
+    manager = offload.PipelineOffloadManager
+    mark = getattr(manager, "mark_not_offload", None) or manager.mark_not_offloadable
+    before = dict(p.__dict__)
+    mark(None, p)
+    return {k: v for k, v in p.__dict__.items() if k not in before or before[k] is not v}
 
 
 def test_offloading_marking_survives_on_the_tensors_te_saves_for_backward(te_ext):
@@ -43,8 +57,8 @@ def test_offloading_marking_survives_on_the_tensors_te_saves_for_backward(te_ext
     experts was offloaded to host (and reloaded) every micro-batch."""
     layer = te_ext.TEGroupedLinear(2, 64, 8)
     params = [layer.weight0, layer.weight1]
-    for p in params:
-        offload.PipelineOffloadManager.mark_not_offloadable(None, p)
+    marks = [_mark_not_offload(p) for p in params]
+    assert all(marks), "megatron-core's marking set no attribute"
     assert not any(_needs_offloading(p) for p in params)
     mm.enable(32)
     saved = []
@@ -58,8 +72,11 @@ def test_offloading_marking_survives_on_the_tensors_te_saves_for_backward(te_ext
         layer(x, [2, 3]).sum().backward()
     weights = [t for t in saved if t.shape == (8, 64)]
     assert len(weights) == 2 and all(w is not p for w, p in zip(weights, params))  # the fake tensors
+    for w, mark in zip(weights, marks):
+        assert {k: getattr(w, k, "missing") for k in mark} == mark
     assert [_needs_offloading(w) for w in weights] == [False, False]
-    assert _needs_offloading(x)  # control: an unmarked activation is offloaded
+    if _needs_offloading(torch.randn(4096)):  # a checker that judges CPU tensors (0.16): the control
+        assert _needs_offloading(x)  # an unmarked activation is offloaded
 
 
 @pytest.mark.parametrize("grad_mode", [True, False])

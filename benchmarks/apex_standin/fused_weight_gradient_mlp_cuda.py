@@ -10,8 +10,9 @@ Contract mimicked (Apex ``csrc/megatron/fused_weight_gradient_dense.cpp``, as me
 ``tensor_parallel/layers.py::LinearWithGradAccumulationAndAsyncCommunication.backward`` calls it):
 ``wgrad_gemm_accum_fp32(total_input [T, in], grad_output [T, out], main_grad fp32 [out, in])`` does
 ``main_grad += grad_output^T @ total_input`` accumulated in fp32; ``wgrad_gemm_accum_fp16`` the same
-into a 16-bit ``main_grad``. Here the product is formed by one fp32-output GEMM (``out_dtype``
-where torch has it, else from fp32 copies of the operands): slower than Apex's, never less exact.
+into a 16-bit ``main_grad``. Here the product is one fp32-output GEMM where torch has
+``mm(out_dtype=)``, else the 16-bit GEMM whose product is rounded to 16 bits once before the fp32 add
+(slightly less exact than Apex; an fp32 GEMM of the output layer would dominate the step time).
 """
 
 import torch
@@ -21,8 +22,8 @@ def _product(total_input: torch.Tensor, grad_output: torch.Tensor, dtype: torch.
     a, b = grad_output.t(), total_input
     try:
         return torch.mm(a, b, out_dtype=dtype)
-    except (TypeError, RuntimeError):  # torch without mm(out_dtype=...) or no such kernel for these dtypes
-        return torch.mm(a.to(dtype), b.to(dtype))
+    except (TypeError, RuntimeError):  # torch without mm(out_dtype=...): the 16-bit GEMM (fp32 accumulation
+        return torch.mm(a, b).to(dtype)  # inside, the product rounded to 16 bits once), fast on tensor cores
 
 
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:

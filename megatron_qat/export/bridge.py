@@ -18,11 +18,19 @@ refuses otherwise). Use::
                                            quant_fn=mxfp4_quant_fn, quant_block_size=QUANT_BLOCK_SIZE)
     for name, tensor in bridge_to_compressed_tensors(pairs): ...   # engine names and shapes
 
-Where it cannot serve (docs/export.md): fused gpt-oss experts (``FusedGatedExpertMapping`` /
-gpt-oss ``GPTOSSMLP*`` have no quant override, Bridge exports them dequantized) -> use
-:func:`megatron_qat.export.export_mxfp4` with ``"gpt-oss"``; and the extra trailing dim that
-``gather_from_ep_ranks_scale`` puts on expert scales (``[out, in/32, 1]``), which
-:func:`bridge_to_compressed_tensors` removes after checking the shape.
+Where it cannot serve (docs/export.md), checked against megatron-bridge 0.6.2 in
+tests/test_export_bridge.py:
+
+- fused gpt-oss experts: Bridge's ``GPTOSSMLPGateUpProjMapping`` / ``GPTOSSMLPDownProjMapping`` are
+  ``AutoMapping`` subclasses whose layout work (un-interleave, transpose, stacking experts) lives in
+  ``megatron_to_hf`` only; their quant path is ``AutoMapping.megatron_to_hf_quant`` -> the plain
+  column / row mapping, so each expert's codes arrive in Megatron's ``[gate; up]`` row order,
+  untransposed, under the one fused name ``...experts.gate_up_proj`` (and ``_scale_inv``).
+  :func:`bridge_to_compressed_tensors` REFUSES any quantized tensor without a per-expert ``.weight``
+  name; use :func:`megatron_qat.export.export_mxfp4` with ``"gpt-oss"`` for those experts;
+- the extra trailing dim that ``gather_from_ep_ranks_scale`` (``.squeeze().unsqueeze(-1)``, no EP=1
+  fast path) puts on every expert scale (``[out, in/32, 1]``), which
+  :func:`bridge_to_compressed_tensors` removes after checking the shape.
 """
 
 from __future__ import annotations
@@ -73,8 +81,9 @@ def bridge_to_compressed_tensors(pairs: Iterable[tuple[str, torch.Tensor]]) -> I
 
     The scale of each pair must be ``[out, in/32]`` or Bridge's expert form ``[out, in/32, 1]``
     (the trailing dim is dropped); ``in`` is read off the codes (``2 * codes.shape[1]``). A code
-    tensor without its scale (or the reverse) at the end of the stream, a non-uint8 scale and any
-    other shape are refused (ExportError)."""
+    tensor without its scale (or the reverse) at the end of the stream, a non-uint8 scale, any
+    other shape, and a uint8 or ``*_scale_inv`` tensor whose name is not ``X.weight[_scale_inv]``
+    (Bridge's fused-expert stream, see the module docstring) are refused (ExportError)."""
     pending: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     for name, t in pairs:
@@ -92,6 +101,12 @@ def bridge_to_compressed_tensors(pairs: Iterable[tuple[str, torch.Tensor]]) -> I
                 yield from _pair(name, t, scales.pop(name))
             else:
                 pending[name] = t
+        elif name.endswith(BRIDGE_SCALE_SUFFIX) or t.dtype == torch.uint8:
+            raise ExportError(
+                f"{name}: quantized tensor without a per-expert '.weight' name (Bridge's fused experts, e.g. its "
+                "gpt-oss mappings, quantize through the plain column/row path: Megatron row order, every expert "
+                'under this one name); use megatron_qat.export.export_mxfp4(model, "gpt-oss") for these experts'
+            )
         else:
             yield name, t
     left = sorted(pending) + sorted(n + BRIDGE_SCALE_SUFFIX for n in scales)

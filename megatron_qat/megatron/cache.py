@@ -48,7 +48,8 @@ writes each expert's wgrad into ``q.main_grad`` of the tensor ``q`` it received;
 Megatron's hook on the Parameter adds ``param.grad`` into ``main_grad`` unless the PARAMETER's own
 flag is True. So each ``q`` carries every Python attribute of its Parameter, by reference
 (:func:`carry_attributes`: ``main_grad`` is the same buffer view, ``offloading_activation`` keeps
-activation offloading off the fake copy), and ONE straight-through node per module per cached copy
+activation offloading off the fake copy: megatron-core 0.16 `offloading_activation`, 0.19
+`_do_not_offload`), and ONE straight-through node per module per cached copy
 (:class:`FakeWeightsSTE`) hands each arriving gradient to its Parameter unchanged, setting the
 Parameter's own flag (TE's dummy: no extra tensor, no extra add). The node saves no tensor, so
 every micro-batch's TE node may have its own edge to it: each backward that reaches it delivers
@@ -157,7 +158,8 @@ class ModuleState:
     """
 
     __slots__ = ("clock", "module_ref", "quantizer", "activations", "flag", "load_hook", "guarded", "epoch",
-                 "masters", "versions", "ptrs", "grads", "plain", "connected", "requires_grad", "fuse", "__weakref__")
+                 "masters", "versions", "ptrs", "grads", "plain", "plain_carried", "connected", "requires_grad", "fuse",
+                 "__weakref__")
 
     def __init__(self, clock: CacheClock, module, quantizer, activations=None):
         self.clock = clock
@@ -177,6 +179,7 @@ class ModuleState:
         self.epoch = -1
         self.masters = self.versions = self.ptrs = self.grads = None  # masters: strong refs, ids stay unique
         self.plain = self.connected = None
+        self.plain_carried = False
 
     def remove(self) -> None:
         """Drop the copy and the load hook and leave the module (the runtime closes)."""
@@ -219,8 +222,6 @@ class ModuleState:
             clock.misses += 1
             self.drop()  # the old copy goes before the new one is allocated
             fakes = self._quantize(module, weights, ptrs, guard)
-            for w, f in zip(weights, fakes):
-                carry_attributes(w, f)
             self.masters, self.plain = tuple(weights), fakes
             self.versions, self.ptrs, self.grads = versions, ptrs, grads
             self.requires_grad = any(grads)
@@ -230,6 +231,10 @@ class ModuleState:
             if self.connected is None:
                 self.connected = connect_fake_weights(self.plain, list(self.masters), self.fuse)
             return list(self.connected)
+        if not self.plain_carried:  # only when the plain copy is handed out (no grad, or frozen experts)
+            for w, f in zip(self.masters, self.plain):
+                carry_attributes(w, f)
+            self.plain_carried = True
         return list(self.plain)
 
     def _uncached(self, module, weights: list, ptrs: list, guard, grad: bool) -> list:

@@ -4,9 +4,10 @@
 # lease runs them:
 #   smoke     the Triton paths the hot path takes (prepared grouped launch, activation QDQ) vs the
 #             PyTorch reference, bit for bit, in seconds: run first, before staging TE
+#   kernel    the GPU tests that need no TE (kernels, rules, statistics kernel, CUDA graphs)
 #   tests     every GPU test (tests/gpu: kernels, rules, statistics kernel, Megatron/TE patch, cache,
 #             CUDA graphs, recipes, export, metrics, autoload with the installed wheel, EP=1 training),
-#             the Megatron validation summary, parity refusals, the one-GPU multigpu smoke
+#             parity refusals, the one-GPU run of the EP training check
 #   bench     benchmarks/bench_qdq.py and benchmarks/bench_metrics.py -> $OUT/qdq.md, $OUT/metrics.md
 #   step      benchmarks/bench_step.py -> $OUT/step.md (STEP_ARGS adds arguments)
 #   mismatch  benchmarks/bench_mismatch.py -> $OUT/mismatch_<gpu>.{md,json}
@@ -40,21 +41,22 @@ GPU_TE_TESTS="tests/gpu/test_megatron_gpu.py tests/gpu/test_weight_cache_gpu.py 
 case "$MODE" in
   smoke)
     TAILN=12 step smoke 300 python3 tests/gpu/hot_path_smoke.py ;;
+  kernel)
+    TAILN=25 step kernel_tests 540 python3 -m pytest -q -rs -p no:cacheprovider $GPU_KERNEL_TESTS \
+      tests/test_triton_kernel.py tests/test_triton_rules.py tests/test_dispatch.py tests/test_metrics_kernel.py ;;
   tests)
     if ls .device/dist/megatron_qat-*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --force-reinstall .device/dist/megatron_qat-*.whl && echo "installed the wheel"
     fi
-    TAILN=25 step gpu_tests 420 python3 -m pytest -q -rs -p no:cacheprovider $GPU_KERNEL_TESTS $GPU_TE_TESTS \
-      tests/test_triton_kernel.py tests/test_triton_rules.py tests/test_dispatch.py
-    TAILN=14 step megatron_validation 120 python3 tests/gpu/run_megatron_validation.py
+    TAILN=30 step gpu_tests 480 python3 -m pytest -q -rs -p no:cacheprovider $GPU_KERNEL_TESTS $GPU_TE_TESTS
     { for args in "--reference flashinfer" "--reference flashinfer --allow-unsupported-gpu" "--device cuda --reference golden"; do
         echo "\$ megatron-qat parity $args"; python3 -m megatron_qat.parity $args 2>&1 | grep -v "^OK " | tail -4; echo "exit code: ${PIPESTATUS[0]}"; done; } > "$LOGS/parity.log" 2>&1
     cat "$LOGS/parity.log"
     RUN="python3 -m torch.distributed.run --standalone --nproc-per-node 1"
     TAILN=4 step ep1_training 120 $RUN tests/gpu/ep2_training.py --backend nccl --ep 1 ;;
   bench)
-    TAILN=50 step bench_qdq 330 python3 benchmarks/bench_qdq.py --no-compile --out "$OUT/qdq.md"
-    TAILN=30 step bench_metrics 200 python3 benchmarks/bench_metrics.py --out "$OUT/metrics.md" ;;
+    TAILN=50 step bench_qdq 330 python3 benchmarks/bench_qdq.py --no-compile --out "$OUT/qdq.md" ${BENCH_ARGS:-}
+    TAILN=30 step bench_metrics 240 python3 benchmarks/bench_metrics.py --out "$OUT/metrics.md" ${METRICS_ARGS:-} ;;
   step)
     TAILN=60 step bench_step 580 python3 benchmarks/bench_step.py --out "$OUT/step.md" ${STEP_ARGS:-} ;;
   mismatch)
@@ -64,5 +66,5 @@ case "$MODE" in
     TAILN=6 step ep2_alltoall 300 $RUN tests/gpu/ep2_training.py --backend nccl --dispatcher alltoall
     TAILN=6 step ep2_allgather 300 $RUN tests/gpu/ep2_training.py --backend nccl --dispatcher allgather
     TAILN=12 step bench_export_nccl 400 $RUN benchmarks/bench_export.py --backend nccl --out "$OUT" ;;
-  *) echo "unknown mode $MODE (smoke, tests, bench, step, mismatch, multigpu)"; exit 2 ;;
+  *) echo "unknown mode $MODE (smoke, kernel, tests, bench, step, mismatch, multigpu)"; exit 2 ;;
 esac

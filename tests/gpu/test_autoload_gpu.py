@@ -68,7 +68,9 @@ print("equal", torch.equal(got.view(torch.int16), want.view(torch.int16)))
 
 
 def _run(env_extra, code=SCRIPT):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPEN_TRAINING_", "MEGATRON_QAT_"))}
+    # not the parent's MASTER_PORT (its process group holds that port): the child picks its own
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OPEN_TRAINING_", "MEGATRON_QAT_")) and k not in ("MASTER_PORT", "MASTER_ADDR")}
     env.update(env_extra)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,

@@ -13,6 +13,7 @@ launches of the hot path (:mod:`megatron_qat.kernels.prepared`), on CPU.
 import pytest
 import torch
 
+from _helpers import require
 from megatron_qat import mxfp4
 from megatron_qat.numerics.families import compare_bits, make
 from megatron_qat.numerics.reference import fake_quantize_reference
@@ -24,7 +25,7 @@ FAMILIES = ("random_1", "e4m3_ties", "subnormal", "nan_inf_blocks", "zeros_negze
 
 
 def _need_triton():
-    pytest.importorskip("triton", reason="the triton extra is not installed")
+    require("triton", "the triton extra is not installed")
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter check; tests/gpu covers CUDA")
 
@@ -169,7 +170,7 @@ class _FakeCompiled:
 
 
 def test_compiled_launch_calls_the_36_launcher_in_its_argument_order(monkeypatch):
-    triton = pytest.importorskip("triton", reason="the triton extra is not installed")
+    triton = require("triton", "the triton extra is not installed")
     from megatron_qat.kernels import prepared
 
     monkeypatch.setattr(triton, "__version__", "3.6.0")
@@ -187,7 +188,7 @@ def test_compiled_launch_calls_the_36_launcher_in_its_argument_order(monkeypatch
 
 
 def test_compiled_launch_refuses_other_tritons_and_other_kernels(monkeypatch):
-    triton = pytest.importorskip("triton", reason="the triton extra is not installed")
+    triton = require("triton", "the triton extra is not installed")
     from megatron_qat.kernels import prepared
 
     monkeypatch.setattr(triton, "__version__", "3.7.1")
@@ -208,7 +209,7 @@ def test_activation_launches_reuse_one_compiled_kernel_per_key(monkeypatch):
     """The activation's prepared launch logic with a stand-in compiled kernel (CPU tensors): the first
     call of a key compiles through Triton's ordinary path, later calls of any token count launch the
     handle with the kernel's full argument list, and an unaligned input goes the ordinary way."""
-    triton = pytest.importorskip("triton", reason="the triton extra is not installed")
+    triton = require("triton", "the triton extra is not installed")
     from megatron_qat.kernels import prepared, qdq_jit
 
     monkeypatch.setattr(triton, "__version__", "3.6.0")

@@ -5,7 +5,9 @@ repeats it at full size). FLASHINFER_MXFP4 is tests/test_triton_kernel.py's subj
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the triton extra is not installed (pip install -e '.[triton]')")
+from _helpers import require  # noqa: E402
+
+require("triton", "the triton extra is not installed (pip install -e '.[triton]')")
 
 from megatron_qat.kernels import triton_qdq  # noqa: E402
 from megatron_qat.numerics.families import ALL_FAMILIES, FINITE_FAMILIES, compare_bits, make  # noqa: E402

@@ -11,7 +11,9 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")]
 
-triton = pytest.importorskip("triton", reason="the triton extra is not installed (pip install -e '.[triton]')")
+from _helpers import require  # noqa: E402
+
+triton = require("triton", "the triton extra is not installed (pip install -e '.[triton]')")
 
 from megatron_qat import mxfp4  # noqa: E402
 from megatron_qat.kernels import prepared, triton_qdq  # noqa: E402

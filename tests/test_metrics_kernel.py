@@ -18,7 +18,9 @@ import torch
 
 if os.environ.get("CI") == "true":  # .ci/run installs the triton extra: a missing one fails
     importlib.import_module("triton")
-triton = pytest.importorskip("triton", reason="the triton extra is not installed (pip install -e '.[triton]')")
+from _helpers import require  # noqa: E402
+
+triton = require("triton", "the triton extra is not installed (pip install -e '.[triton]')")
 tl = triton.language
 
 from megatron_qat.kernels import triton_stats  # noqa: E402

@@ -12,7 +12,9 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")]
 
-pytest.importorskip("triton", reason="the triton extra is not installed (pip install -e '.[triton]')")
+from _helpers import require  # noqa: E402
+
+require("triton", "the triton extra is not installed (pip install -e '.[triton]')")
 
 from megatron_qat.metrics import block_stats  # noqa: E402
 from megatron_qat.numerics import families  # noqa: E402

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _helpers import bits  # noqa: E402
 from _megatron_fixtures import te_ext  # noqa: E402,F401
 from te_standin import DDPLikeHooks, StandInGroupedLinear  # noqa: E402
 
@@ -30,10 +31,6 @@ from megatron_qat.numerics.rules import DEFAULT_RECIPE, RECIPES  # noqa: E402
 N, K, OUT = 3, 64, 32
 SPLITS = [4, 1, 5]
 ACTIVATION_RECIPES = [name for name, r in RECIPES.items() if r.activations is not None]
-
-
-def _bits(t):
-    return t.detach().contiguous().view(torch.int32)
 
 
 def _x(seed=0, k=K):
@@ -99,11 +96,11 @@ def test_forward_and_gradients_equal_the_reference(te_ext, name, fuse):
     xr = x.clone().requires_grad_(True)
     want = _reference_forward(ref, xr, recipe)
     want.backward(dy)
-    assert torch.equal(_bits(got), _bits(want))
-    assert torch.equal(_bits(xl.grad), _bits(xr.grad))
+    assert torch.equal(bits(got), bits(want))
+    assert torch.equal(bits(xl.grad), bits(xr.grad))
     for p, q in zip(layer.parameters(), ref.parameters()):
         g, w = (p.main_grad, q.main_grad) if fuse else (p.grad, q.grad)
-        assert torch.equal(_bits(g), _bits(w))
+        assert torch.equal(bits(g), bits(w))
     if fuse:
         assert all(n == 0 for n in hooks[0].adds.values())  # TE's dummy was never added
 
@@ -117,7 +114,7 @@ def test_activations_are_quantized_on_every_call_never_cached(te_ext, name, monk
     mm.enable(32, recipe=name)
     outs = [layer(_x(seed), SPLITS) for seed in (1, 2, 1)]
     assert len(calls) == 3 and mm.current().stats().hits >= 1  # the weights are cached, the activations not
-    assert torch.equal(_bits(outs[0]), _bits(outs[2])) and not torch.equal(_bits(outs[0]), _bits(outs[1]))
+    assert torch.equal(bits(outs[0]), bits(outs[2])) and not torch.equal(bits(outs[0]), bits(outs[1]))
 
 
 def test_default_recipe_leaves_the_input_alone(te_ext, monkeypatch):

@@ -95,7 +95,7 @@ wc = _Cache()
 @pytest.fixture
 def cache(monkeypatch):
     """Fake-QAT enabled on the test's TEGroupedLinear stand-in (the real extension module's class)."""
-    pytest.importorskip("megatron.core", reason="megatron-core is a test dependency ([megatron] extra)")
+    require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import megatron.core.extensions.transformer_engine as ext
 
     monkeypatch.delenv(wc.CACHE_ENV, raising=False)

@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.megatron]
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _moe_harness as H  # noqa: E402
+from _helpers import bits  # noqa: E402
 
 H.require_gpu_stack()
 
@@ -46,10 +47,6 @@ def _gpu_session(megatron_gpu):
 def _always_disable():
     yield
     megatron_qat.disable()
-
-
-def _bits(t):
-    return t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
 class _ReferenceSTE(torch.autograd.Function):
@@ -100,10 +97,10 @@ def test_recipe_forward_and_input_gradient_equal_the_reference(name):
     megatron_qat.disable()
     want, want_dx = _forward_backward(ref, x, dy)
     plain, _ = _forward_backward(layer, x, dy)
-    assert torch.equal(_bits(got), _bits(want)), f"{name}: forward differs from the reference"
-    assert torch.equal(_bits(got_nograd), _bits(want)), f"{name}: no_grad forward differs"
-    assert torch.equal(_bits(got_dx), _bits(want_dx)), f"{name}: input gradient differs"
-    assert not torch.equal(_bits(got), _bits(plain)), f"{name}: the recipe changed nothing"
+    assert torch.equal(bits(got), bits(want)), f"{name}: forward differs from the reference"
+    assert torch.equal(bits(got_nograd), bits(want)), f"{name}: no_grad forward differs"
+    assert torch.equal(bits(got_dx), bits(want_dx)), f"{name}: input gradient differs"
+    assert not torch.equal(bits(got), bits(plain)), f"{name}: the recipe changed nothing"
 
 
 @pytest.mark.parametrize("name", ["flashinfer-trtllm-w4a8", "vllm-online-w4a4"])
@@ -137,6 +134,6 @@ def test_recipe_main_grad_lands_exactly_once_under_fused_ddp(name):
     megatron_qat.disable()
     want, _ = run(ref_ddp, ref)
     assert all(flags), "the Parameter's grad_added_to_main_grad was not set"
-    bad = [(mb, n) for mb in range(2) for n in got[mb] if not torch.equal(_bits(got[mb][n]), _bits(want[mb][n]))]
+    bad = [(mb, n) for mb in range(2) for n in got[mb] if not torch.equal(bits(got[mb][n]), bits(want[mb][n]))]
     assert not bad, f"{name}: main_grad differs from the reference at {bad[:3]}"
     assert all(not torch.equal(got[1][n], got[0][n]) for n in got[0]), "the second micro-batch added nothing"

@@ -131,3 +131,24 @@ def wrap_ddp(layer, config, overlap_grad_reduce):
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, use_distributed_optimizer=False
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=layer)
+
+
+def run_ddp(model_ddp, layer, mbs):
+    """Micro-batches ``mbs`` through ``model_ddp`` (Megatron DDP over ``layer``) as Megatron's schedule
+    does (``no_sync`` but for the last, then ``finish_grad_sync``). After each: Megatron's hook must
+    have consumed every expert ``param.grad``. Returns the experts' ``main_grad`` copies and whether
+    every expert Parameter's ``grad_added_to_main_grad`` was set, per micro-batch."""
+    snaps, flags = [], []
+    model_ddp.zero_grad_buffer()
+    for i, (x, dy) in enumerate(mbs):
+        if i < len(mbs) - 1:
+            with model_ddp.no_sync():
+                forward_backward(model_ddp, x, dy)
+        else:
+            forward_backward(model_ddp, x, dy)
+            model_ddp.finish_grad_sync()
+        weights = expert_weights(layer)
+        assert all(p.grad is None for p in weights.values()), "Megatron's hook did not consume param.grad"
+        flags.append(all(getattr(p, "grad_added_to_main_grad", False) for p in weights.values()))
+        snaps.append({n: p.main_grad.clone() for n, p in weights.items()})
+    return snaps, flags

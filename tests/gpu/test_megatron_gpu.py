@@ -108,23 +108,6 @@ def test_b_grad_unfused():
     assert not bad
 
 
-def _run_ddp(model_ddp, layer, mbs):
-    snaps, flags = [], []
-    model_ddp.zero_grad_buffer()
-    for i, (x, dy) in enumerate(mbs):
-        if i < len(mbs) - 1:
-            with model_ddp.no_sync():
-                H.forward_backward(model_ddp, x, dy)
-        else:
-            H.forward_backward(model_ddp, x, dy)
-            model_ddp.finish_grad_sync()
-        weights = H.expert_weights(layer)
-        assert all(p.grad is None for p in weights.values()), "Megatron's hook did not consume param.grad"
-        flags.append(all(getattr(p, "grad_added_to_main_grad", False) for p in weights.values()))
-        snaps.append({n: p.main_grad.clone() for n, p in weights.items()})
-    return snaps, flags
-
-
 @pytest.mark.parametrize("overlap_grad_reduce", [False, True])
 def test_b_main_grad_fused_ddp(overlap_grad_reduce):
     config, layer, ref = _pair(fusion=True)
@@ -132,9 +115,9 @@ def test_b_main_grad_fused_ddp(overlap_grad_reduce):
     ref_ddp = H.wrap_ddp(ref, config, overlap_grad_reduce)
     mbs = H.micro_batches(2, seed=2)
     megatron_qat.enable(32)
-    got, got_flags = _run_ddp(layer_ddp, layer, mbs)
+    got, got_flags = H.run_ddp(layer_ddp, layer, mbs)
     megatron_qat.disable()
-    want, _ = _run_ddp(ref_ddp, ref, mbs)
+    want, _ = H.run_ddp(ref_ddp, ref, mbs)
     bad = [(mb, n) for mb in range(2) for n in got[mb] if not _equal_bits(got[mb][n], want[mb][n])]
     grew = all(not torch.equal(got[1][n], got[0][n]) for n in got[0])
     finite = all(torch.isfinite(t).all().item() for t in got[1].values())

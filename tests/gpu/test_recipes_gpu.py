@@ -113,26 +113,10 @@ def test_recipe_main_grad_lands_exactly_once_under_fused_ddp(name):
     ref_ddp = H.wrap_ddp(ref, config, overlap_grad_reduce=True)
     mbs = H.micro_batches(2, seed=6)
 
-    def run(model, module):
-        model.zero_grad_buffer()
-        snaps, flags = [], []
-        for i, (x, dy) in enumerate(mbs):
-            if i < len(mbs) - 1:
-                with model.no_sync():
-                    H.forward_backward(model, x, dy)
-            else:
-                H.forward_backward(model, x, dy)
-                model.finish_grad_sync()
-            weights = H.expert_weights(module)
-            assert all(p.grad is None for p in weights.values()), "Megatron's hook did not consume param.grad"
-            flags.append(all(getattr(p, "grad_added_to_main_grad", False) for p in weights.values()))
-            snaps.append({n: p.main_grad.clone() for n, p in weights.items()})
-        return snaps, flags
-
     megatron_qat.enable(32, recipe=name)
-    got, flags = run(layer_ddp, layer)
+    got, flags = H.run_ddp(layer_ddp, layer, mbs)
     megatron_qat.disable()
-    want, _ = run(ref_ddp, ref)
+    want, _ = H.run_ddp(ref_ddp, ref, mbs)
     assert all(flags), "the Parameter's grad_added_to_main_grad was not set"
     bad = [(mb, n) for mb in range(2) for n in got[mb] if not torch.equal(bits(got[mb][n]), bits(want[mb][n]))]
     assert not bad, f"{name}: main_grad differs from the reference at {bad[:3]}"

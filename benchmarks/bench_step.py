@@ -117,6 +117,8 @@ def parse_args(argv=None):
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (default: the model's)")
     ap.add_argument("--out", type=Path, default=None, help="markdown output (default benchmarks/results/step_<gpu>.md)")
     ap.add_argument("--profile", type=Path, default=None, help="also write one torch.profiler trace per row here")
+    ap.add_argument("--profile-calls", type=Path, default=None,
+                    help="also write a cProfile of the patched hook's calls (variant cache, 2 steps) per row here")
     ap.add_argument("--no-fit", dest="fit", action="store_false",
                     help="keep the model's vocabulary even if the memory estimate exceeds 75%% of the card")
     ap.add_argument("--shape-json", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one shape's rows
@@ -301,6 +303,39 @@ class _CallTimer:
             self.cls._get_weight_tensors = self.own
 
 
+def _profile_calls(path: Path, cls, step) -> None:
+    """cProfile of every patched ``_get_weight_tensors`` call over two ``cache`` steps (with one
+    micro-batch every call is a miss): where a call's host time goes, by function."""
+    import cProfile
+    import io
+    import pstats
+
+    _set_variant("cache")
+    step()  # warm-up
+    profiler, inner, own = cProfile.Profile(), cls._get_weight_tensors, cls.__dict__.get("_get_weight_tensors")
+
+    def profiled(module, *args, **kwargs):
+        profiler.enable()
+        try:
+            return inner(module, *args, **kwargs)
+        finally:
+            profiler.disable()
+
+    cls._get_weight_tensors = profiled
+    try:
+        for _ in range(2):
+            step()
+    finally:
+        if own is None:
+            del cls._get_weight_tensors
+        else:
+            cls._get_weight_tensors = own
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
+
+
 def _set_variant(variant: str):
     import megatron_qat
     from megatron_qat import config
@@ -400,6 +435,9 @@ def _run_rows(shape: Shape, args) -> tuple[list[dict], dict]:
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
                     one_step(variant, timed=False)
                 prof.export_chrome_trace(str(args.profile / f"step_{shape.key}_mb{n_mb}_{variant}.json"))
+        if args.profile_calls is not None:
+            _profile_calls(args.profile_calls / f"calls_{shape.key}_mb{n_mb}_cache.txt", TEGroupedLinear,
+                           lambda: one_step("cache", timed=False))
         _set_variant("off")
         off_ms = statistics.median(samples["off"]["ms"])
         off_peak = max(samples["off"]["peak"])
@@ -528,6 +566,8 @@ def main(argv=None) -> int:
         args.shape_json.write_text(json.dumps({"rows": rows, "info": info}))
         return 0
     rows, infos = [], {}
+    out = args.out or ROOT / "benchmarks" / "results" / f"step_{_slug(torch.cuda.get_device_name(0))}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for key in args.shapes:  # each shape in its own process: nothing of one model outlives it
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "rows.json"
@@ -541,11 +581,10 @@ def main(argv=None) -> int:
             row["counts"] = tuple(row["counts"])
         rows += result["rows"]
         infos[SHAPES[key].name] = result["info"]
-        print(_report(rows, infos, args, wgrad), flush=True)
-    out = args.out or ROOT / "benchmarks" / "results" / f"step_{_slug(torch.cuda.get_device_name(0))}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_report(rows, infos, args, wgrad))
-    print(f"wrote {out}")
+        report = _report(rows, infos, args, wgrad)
+        print(report, flush=True)
+        out.write_text(report)  # after every shape: a run cut short keeps the shapes it finished
+        print(f"wrote {out}")
     return 0 if len(infos) == len(args.shapes) else 1
 
 

@@ -70,6 +70,7 @@ ALLOWED = {
     ("cache", "_version_of"): "operator.attrgetter",
     ("cache", "_requires_grad_of"): "operator.attrgetter",
     ("cache", "_data_ptr"): "torch.Tensor.data_ptr",
+    ("cache", "_capturing"): "torch's capture query (a C function)",
     ("install", "_runtime"): "THE one process handle",
 }
 

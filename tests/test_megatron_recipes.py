@@ -142,3 +142,82 @@ def test_recipe_named_in_the_activation_line_and_reconfigured_while_on(te_ext, c
     lines = [r.getMessage() for r in caplog.records if "MXFP4 fake-QAT active" in r.getMessage()]
     assert len(lines) == 2 and "recipe=vllm-online-w4a4" in lines[0] and "recipe=modelopt-w4a16" in lines[1]
     assert mm.current().recipe is RECIPES["modelopt-w4a16"]
+
+
+# --- routing probabilities after fc2 under an activation recipe (issue 15, review of the mismatch run) --
+
+
+class _StandInExperts(torch.nn.Module):
+    """megatron-core 0.13-0.19 ``TEGroupedMLP.forward``'s probability placement (``bias_act_func``:
+    SwiGLU(fc1 output) * probs, cast back, then fc2), over the stand-in grouped linears; registered as
+    ``megatron.core.transformer.moe.experts.TEGroupedMLP`` for the test (TE cannot be installed here)."""
+
+    def __init__(self, fc1, fc2, config):
+        super().__init__()
+        self.linear_fc1, self.linear_fc2, self.config = fc1, fc2, config
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        splits = tokens_per_expert.tolist()
+        gate, up = self.linear_fc1(permuted_local_hidden_states, splits).chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate) * up
+        act = (act * permuted_probs.unsqueeze(-1)).to(act.dtype)
+        return self.linear_fc2(act, splits), None
+
+
+def _experts(fc_cls, seed, probs_on_input=False):
+    from types import SimpleNamespace
+
+    fc1 = fc_cls(N, K, 2 * K, seed=seed)
+    fc2 = fc_cls(N, K, OUT, seed=seed + 1)
+    return _StandInExperts(fc1, fc2, SimpleNamespace(moe_apply_probs_on_input=probs_on_input))
+
+
+@pytest.mark.parametrize("name", ACTIVATION_RECIPES)
+def test_activation_recipe_applies_routing_probabilities_after_fc2(te_ext, name, monkeypatch):
+    """What the engines compute: fc2 sees Q(SwiGLU(fc1)) WITHOUT the routing probability, and the
+    expert output is scaled by it after fc2. The reference is a flag-off copy with fake-quantized
+    weights, reference activation QDQ before each GEMM and the probabilities applied after fc2 by
+    hand; it differs from quantizing the probability-scaled fc2 input (megatron's own placement)."""
+    import megatron.core.transformer.moe.experts as experts_module
+
+    recipe = RECIPES[name]
+    monkeypatch.setattr(experts_module, "TEGroupedMLP", _StandInExperts)
+    layer = _experts(te_ext.TEGroupedLinear, seed=3)
+    ref = _experts(StandInGroupedLinear, seed=3)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(mxfp4.fake_quantize(p, 32, rule=recipe.weights, impl="reference"))
+
+    def quantize_input(module, args):
+        q = mxfp4.fake_quantize(args[0].detach(), 32, rule=recipe.activations, impl="reference")
+        return (_Identity.apply(args[0], q), *args[1:])
+
+    for module in (ref.linear_fc1, ref.linear_fc2):
+        module.forward = lambda x, splits, m=module: StandInGroupedLinear.forward(m, x, splits, is_first_microbatch=None)
+        module.register_forward_pre_hook(quantize_input)
+    x = _x(seed=4)
+    tokens = torch.tensor(SPLITS)
+    probs = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(5)) + 0.05
+    mm.enable(32, recipe=name)
+    got, _ = layer(x, tokens, probs)
+    mm.disable()
+    unscaled, _ = ref(x, tokens, torch.ones_like(probs))
+    want = (unscaled * probs.unsqueeze(-1)).to(unscaled.dtype)
+    megatron_placement, _ = ref(x, tokens, probs)
+    assert torch.equal(bits(got), bits(want)), f"{name}: the routing probabilities are not applied after fc2"
+    assert not torch.equal(bits(want), bits(megatron_placement)), "the test cannot tell the two placements apart"
+
+
+def test_bf16_activation_recipes_keep_megatrons_probability_placement(te_ext, monkeypatch):
+    """Without activation quantization the experts' forward is megatron's own, bit for bit."""
+    import megatron.core.transformer.moe.experts as experts_module
+
+    monkeypatch.setattr(experts_module, "TEGroupedMLP", _StandInExperts)
+    x, tokens = _x(seed=4), torch.tensor(SPLITS)
+    probs = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(5)) + 0.05
+    layer = _experts(te_ext.TEGroupedLinear, seed=3)
+    mm.enable(32, recipe="vllm-online-w4a16")
+    installed = _StandInExperts.__dict__["forward"]
+    got, _ = layer(x, tokens, probs)
+    want, _ = installed.__wrapped__(layer, x, tokens, probs)  # megatron's own forward, same runtime
+    assert torch.equal(bits(got), bits(want))

@@ -92,13 +92,34 @@ class _Cache:
 wc = _Cache()
 
 
-@pytest.fixture
-def cache(monkeypatch):
-    """Fake-QAT enabled on the test's TEGroupedLinear stand-in (the real extension module's class)."""
+PATHS = ["reference", "prepared"]
+
+
+def read_stand_in_parameters(monkeypatch):
+    """Let the runtime read the stand-in's parameters as it reads TE 2.20's (``hook_reads_parameters``
+    recognises only TE's own function, which cannot be installed here; the stand-in's hook returns
+    the same thing)."""
+    from megatron_qat.megatron import runtime
+
+    own = StandInGroupedLinear.__dict__["_get_weight_tensors"]
+    monkeypatch.setattr(runtime, "hook_reads_parameters", lambda function: function is own)
+
+
+@pytest.fixture(params=PATHS)
+def cache(monkeypatch, request):
+    """Fake-QAT enabled on the test's TEGroupedLinear stand-in (the real extension module's class).
+    ``reference``: the PyTorch reference kernel, TE's hook called on every call; ``prepared``: the
+    Triton kernel's prepared launch (interpreter) with the parameters read directly, as on a GPU
+    with TE 2.20 (hits skip TE's hook, a step's miss re-quantizes into the kept copy)."""
     require("megatron.core", "megatron-core is a test dependency ([megatron] extra)")
     import megatron.core.extensions.transformer_engine as ext
 
     monkeypatch.delenv(wc.CACHE_ENV, raising=False)
+    if request.param == "prepared":
+        monkeypatch.setenv(config.KERNEL, "triton")
+        read_stand_in_parameters(monkeypatch)
+    else:
+        monkeypatch.delenv(config.KERNEL, raising=False)
     monkeypatch.setattr(ext, "TEGroupedLinear", MegatronTEGroupedLinear)
     assert grouped_linear_forward_class(MegatronTEGroupedLinear) is TEGroupedLinearStandIn
     wc.configure()
@@ -513,7 +534,7 @@ def test_invalidate_cache_drops_every_copy(cache):
         _warm(layer)
     entries = [layer.__dict__[STATE_ATTR] for layer in layers]
     mm.invalidate_cache()
-    assert all(e.plain is None and e.connected is None and e.masters is None for e in entries)
+    assert all(e.plain is None and e.connected is None and e.epoch == -1 for e in entries)
     for layer in layers:
         layer(_x(10, 0), SPLITS[0])
     assert _stats()[1] == 4
@@ -735,3 +756,98 @@ def test_inference_mode_pass_does_not_poison_the_cache(cache):
         layer(_x(10, 2), SPLITS[0])
     assert layer.received[-1][0].data_ptr() == layer.received[-2][0].data_ptr()
     assert _stats() == (1, 1, 1)
+
+
+# --- issue 14: host cost (TE's hook read directly, a step's miss re-quantizes in place) -----------
+
+
+@pytest.mark.parametrize("cache", PATHS, indirect=True)
+def test_a_copy_a_pending_backward_still_reads_is_never_overwritten(cache, monkeypatch):
+    """A micro-batch's graph still pending when the weights change (a step between its forward and
+    its backward): the next miss makes a new copy, and the pending dgrad uses the values its forward
+    used (the uncached path's bits)."""
+
+    def run(layer):
+        params = _experts(layer)
+        xs = [_x(sum(s), i).requires_grad_(True) for i, s in enumerate(SPLITS[:2])]
+        out0 = layer(xs[0], SPLITS[0])[0]
+        layer.received.clear()
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.5)
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1).step()  # the runtime's step hook
+        out1 = layer(xs[1], SPLITS[1])[0]
+        layer.received.clear()
+        out0.backward(_x(out0.shape[0], 20)[:, :OUT])
+        out1.backward(_x(out1.shape[0], 21)[:, :OUT])
+        return [out0.detach(), out1.detach(), xs[0].grad, xs[1].grad]
+
+    (a, grad_a, _, _), (b, grad_b, _, _) = _grads_uncached_vs_cached(monkeypatch, run)
+    for u, c in zip(a + grad_a, b + grad_b):
+        assert torch.equal(bits(u), bits(c))
+
+
+@pytest.mark.parametrize("cache", ["prepared"], indirect=True)
+def test_a_hit_does_not_call_te_hook_and_a_replaced_parameter_does(cache, monkeypatch):
+    """With TE's own hook (here the stand-in's, recognised as TE 2.20's), a call that finds the kept
+    masters still registered as ``weight0..N-1`` takes them without calling the hook; a replaced
+    Parameter, a grouped ``weight`` or hook arguments call it."""
+    from megatron_qat.megatron import runtime
+
+    calls = []
+    own = StandInGroupedLinear.__dict__["_get_weight_tensors"]
+
+    def counting(self, *args):
+        calls.append(args)
+        return own(self)
+
+    mm.disable()
+    monkeypatch.setattr(StandInGroupedLinear, "_get_weight_tensors", counting)
+    monkeypatch.setattr(runtime, "hook_reads_parameters", lambda function: function is counting)
+    wc.configure()
+    layer = _layer()
+    x, s = _x(10, 0), SPLITS[0]
+    for _ in range(3):
+        layer(x, s)
+    assert len(calls) == 1 and _stats() == (2, 1, 0)
+    mm.invalidate_cache()
+    layer(x, s)  # a miss on the same masters: read directly too
+    assert len(calls) == 1 and _stats() == (2, 2, 0)
+    layer.weight1 = torch.nn.Parameter(layer.weight1.detach() * 2)
+    layer(x, s)
+    assert len(calls) == 2
+    _assert_fresh(layer.received[-1], _experts(layer))
+    layer._get_weight_tensors("an argument")
+    assert len(calls) == 3 and calls[-1] == ("an argument",)
+
+
+def test_only_te_220s_own_hook_is_read_directly(monkeypatch):
+    """``hook_reads_parameters``: TE's ``GroupedLinear._get_weight_tensors`` itself, of a TE whose
+    source was read (2.20); not another release, not a wrapper made with functools.wraps (same name
+    and module), not a subclass override."""
+    import functools
+    import types
+
+    from megatron_qat.megatron import runtime
+
+    te = types.ModuleType(runtime.TE_GROUPED_LINEAR_MODULE)
+
+    class GroupedLinear:  # stands in for TE's class: only the function's identity matters
+        def _get_weight_tensors(self):
+            return []
+
+    class Override(GroupedLinear):
+        def _get_weight_tensors(self):
+            return []
+
+    te.GroupedLinear = GroupedLinear
+    monkeypatch.setitem(sys.modules, runtime.TE_GROUPED_LINEAR_MODULE, te)
+    own = GroupedLinear.__dict__["_get_weight_tensors"]
+    wrapper = functools.wraps(own)(lambda self: own(self))
+    for version, expected in (("2.20.2", True), ("2.20.0", True), ("2.19.1", False), ("2.21.0", False), (None, False)):
+        monkeypatch.setattr(runtime, "transformer_engine_version", lambda v=version: v)
+        assert runtime.hook_reads_parameters(own) is expected, version
+        assert runtime.hook_reads_parameters(wrapper) is False
+        assert runtime.hook_reads_parameters(Override.__dict__["_get_weight_tensors"]) is False
+    monkeypatch.delitem(sys.modules, runtime.TE_GROUPED_LINEAR_MODULE)
+    assert runtime.hook_reads_parameters(own) is False

@@ -125,7 +125,7 @@ class FakeWeightsSTE(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def connect_fake_weights(fakes: list, weights: list, fuse_wgrad_accumulation: bool) -> list:
+def connect_fake_weights(fakes: list, weights, fuse_wgrad_accumulation: bool) -> list:
     """N tensors holding ``fakes``' values, connected straight-through to ``weights`` (the master
     Parameters), each carrying its master's attributes. Call with autograd recording."""
     owners = tuple(
@@ -147,6 +147,9 @@ def _drop_on_load(module, incompatible_keys) -> None:
         state.drop()
 
 
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
+
+
 class ModuleState:
     """One patched module's quantizers, recorded ``is_first_microbatch`` flag and cached copy.
 
@@ -155,11 +158,16 @@ class ModuleState:
     :class:`megatron_qat.mxfp4.ActivationFakeQuantizer` of the GEMM input under an activation recipe
     (run on every call, never cached). A deep copy or pickle of the module starts without a state
     (its weights are new objects).
+
+    **Host cost.** A hit is four attribute reads per weight (object, pointer, version,
+    requires_grad) and, for CUDA weights, one capture query. The masters of the last copy stay
+    known after it is dropped (:meth:`held_masters`), so with TE's own hook the runtime finds them
+    without calling it, on hits and on the miss after each optimizer step alike.
     """
 
     __slots__ = ("clock", "module_ref", "quantizer", "activations", "flag", "load_hook", "guarded", "epoch",
                  "masters", "versions", "ptrs", "grads", "plain", "plain_carried", "connected", "requires_grad", "fuse",
-                 "__weakref__")
+                 "keys", "__weakref__")
 
     def __init__(self, clock: CacheClock, module, quantizer, activations=None):
         self.clock = clock
@@ -168,6 +176,7 @@ class ModuleState:
         self.activations = activations  # the module's mxfp4.ActivationFakeQuantizer, or None (BF16 activations)
         self.flag = None
         self.guarded = None  # (ids, pointers) of the weight set the guards last accepted
+        self.masters = self.keys = None  # the weights of the last copy (strong refs: ids stay unique), their names
         self.load_hook = module.register_load_state_dict_post_hook(_drop_on_load)
         self.drop()
 
@@ -175,19 +184,37 @@ class ModuleState:
         return (_no_state, ())
 
     def drop(self) -> None:
-        """Forget the cached copy (the next call fake-quantizes again)."""
+        """Forget the cached copy (the next call fake-quantizes again). The masters it was made of
+        stay known (``held_masters``), as long as the module holds them."""
         self.epoch = -1
-        self.masters = self.versions = self.ptrs = self.grads = None  # masters: strong refs, ids stay unique
+        self.versions = self.ptrs = self.grads = None
         self.plain = self.connected = None
         self.plain_carried = False
 
     def remove(self) -> None:
         """Drop the copy and the load hook and leave the module (the runtime closes)."""
         self.drop()
+        self.masters = self.keys = None
         self.load_hook.remove()
         module = self.module_ref()
         if module is not None and module.__dict__.get(STATE_ATTR) is self:
             del module.__dict__[STATE_ATTR]
+
+    def held_masters(self, module):
+        """The kept masters when ``module`` still holds exactly them as its parameters ``weight0..N-1``
+        (and no grouped ``weight``), else None. What TE 2.20's own ``_get_weight_tensors`` returns in
+        that case (``runtime.hook_reads_parameters``), read without calling it."""
+        keys = self.keys
+        if keys is None:
+            return None
+        params = module._parameters
+        if "weight" in params:
+            return None
+        get = params.get
+        for key, master in zip(keys, self.masters):
+            if get(key) is not master:
+                return None
+        return self.masters
 
     def _guard(self, module, weights: list, ptrs: list, guard) -> None:
         key = (tuple(map(id, weights)), tuple(ptrs))
@@ -200,32 +227,36 @@ class ModuleState:
         with torch.no_grad():
             return self.quantizer(weights)
 
-    def fake_weights(self, module, weights: list, guard) -> list:
+    def fake_weights(self, module, weights, guard, same_objects: bool = False) -> list:
         """What TE gets instead of ``weights`` (N tensors ``[out, in]``, one dtype and device): the same
         shapes and dtype, fake-quantized; connected straight-through to ``weights`` with autograd
-        recording and a weight requiring grad, plain tensors otherwise."""
+        recording and a weight requiring grad, plain tensors otherwise. ``same_objects``: the caller
+        already knows ``weights`` are the kept masters (:meth:`held_masters`)."""
         clock = self.clock
         flag = self.flag
         grad = torch.is_grad_enabled()
         ptrs = list(map(_data_ptr, weights))
-        if flag is None or not clock.caching or (weights[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        if flag is None or not clock.caching or (weights[0].is_cuda and _capturing()):
             return self._uncached(module, weights, ptrs, guard, grad)
         versions = list(map(_version_of, weights))
         grads = list(map(_requires_grad_of, weights))
         masters = self.masters
-        if (flag is False and self.epoch == clock.epoch and ptrs == self.ptrs and versions == self.versions
-                and grads == self.grads and all(map(operator.is_, weights, masters))):
+        same = same_objects or (masters is not None and all(map(operator.is_, weights, masters)))
+        if flag is False and same and self.epoch == clock.epoch and ptrs == self.ptrs and versions == self.versions \
+                and grads == self.grads:
             clock.hits += 1
         elif torch.is_inference_mode_enabled():
             return self._uncached(module, weights, ptrs, guard, grad)  # keep the old copy
         else:
             clock.misses += 1
             self.drop()  # the old copy goes before the new one is allocated
-            fakes = self._quantize(module, weights, ptrs, guard)
-            self.masters, self.plain = tuple(weights), fakes
+            self.plain = self._quantize(module, weights, ptrs, guard)
+            if not same:
+                self.masters = tuple(weights)
+                self.keys = _parameter_keys(module, self.masters)
+            self.fuse = bool(getattr(module, "fuse_wgrad_accumulation", False))
             self.versions, self.ptrs, self.grads = versions, ptrs, grads
             self.requires_grad = any(grads)
-            self.fuse = bool(getattr(module, "fuse_wgrad_accumulation", False))
             self.epoch = clock.epoch
         if grad and self.requires_grad:
             if self.connected is None:
@@ -246,3 +277,13 @@ class ModuleState:
         for w, f in zip(weights, fakes):
             carry_attributes(w, f)
         return fakes
+
+
+def _parameter_keys(module, masters: tuple):
+    """``("weight0", ..., "weightN-1")`` when ``module``'s parameters of those names are exactly
+    ``masters`` (so :meth:`ModuleState.held_masters` can find them again), else None."""
+    params = module._parameters
+    keys = tuple(f"weight{i}" for i in range(len(masters)))
+    if "weight" in params or any(params.get(k) is not m for k, m in zip(keys, masters)):
+        return None
+    return keys

@@ -67,6 +67,8 @@ from .install import ImportWatcher
 HOOK = "TEGroupedLinear._get_weight_tensors"
 FORWARD = "GroupedLinear.forward"
 MOE_INIT = "MoELayer.__init__"
+EXPERTS = "TEGroupedMLP.forward"
+EXPERTS_MODULE = "megatron.core.transformer.moe.experts"
 _MISSING = object()
 _log = logging.getLogger("megatron_qat")
 
@@ -134,6 +136,7 @@ class Runtime:
             self._post_hook = register_optimizer_step_post_hook(self._after_step)
             self.active = True
             self._patch_moe_layer()
+            self._patch_experts()
         except BaseException:
             self.close()
             raise
@@ -216,6 +219,13 @@ class Runtime:
         else:  # not imported yet, or half-imported (it imports the TE extension module half-way)
             ImportWatcher.find(create=True).when_imported(MOE_LAYER_MODULE, self.on_moe_layer_module)
 
+    def _patch_experts(self) -> None:
+        """Wrap megatron-core's ``TEGroupedMLP.forward`` once its module is loaded (at activation, or
+        when the first MoELayer is built): a pass-through unless the recipe quantizes activations."""
+        klass = getattr(sys.modules.get(EXPERTS_MODULE), "TEGroupedMLP", None)
+        if self.active and klass is not None and "forward" in klass.__dict__:
+            self._install(EXPERTS, klass, "forward", self._experts_wrapper)
+
     def on_moe_layer_module(self, module) -> None:
         """Wrap ``MoELayer.__init__`` once its module has executed (while active or failed)."""
         if (self.active or self.failure is not None) and hasattr(module, "MoELayer"):
@@ -224,27 +234,32 @@ class Runtime:
     # --- wrappers ------------------------------------------------------------------------------------
     def _weights_wrapper(self, original):
         runtime = self
+        direct = hook_reads_parameters(original)
 
         @functools.wraps(original)
         def _get_weight_tensors(module, *args, **kwargs):
-            return runtime.weight_tensors(original, module, args, kwargs)
+            return runtime.weight_tensors(original, direct, module, args, kwargs)
 
         _get_weight_tensors.__wrapped__ = original
         return _get_weight_tensors
 
-    def weight_tensors(self, original, module, args, kwargs) -> list:
-        """The patched ``_get_weight_tensors``: TE's own result, fake-quantized (module docstring)."""
-        weights = original(module, *args, **kwargs)
+    def weight_tensors(self, original, direct: bool, module, args, kwargs) -> list:
+        """The patched ``_get_weight_tensors``: TE's own result, fake-quantized (module docstring).
+        ``direct``: ``original`` is TE's own hook (:func:`hook_reads_parameters`), so while the module
+        still holds the kept masters as its parameters they are its result, read without calling it."""
         if not self.active:
-            return weights
+            return original(module, *args, **kwargs)
         state = module.__dict__.get(STATE_ATTR)
         if state is None or state.clock is not self.clock:
             state = self._adopt(module)
-        weights = list(weights)
+        weights = state.held_masters(module) if direct and not args and not kwargs else None
+        same = weights is not None
+        if not same:
+            weights = list(original(module, *args, **kwargs))
         recorder = self.recorder
         if recorder is not None and recorder.due():
-            recorder.observe(module, weights, self.block_size, rule=self.recipe.weights)
-        fakes = state.fake_weights(module, weights, self._guard)
+            recorder.observe(module, list(weights), self.block_size, rule=self.recipe.weights)
+        fakes = state.fake_weights(module, weights, self._guard, same)
         if self._built_layers:
             self._announce_model(fakes)
         return fakes
@@ -320,12 +335,73 @@ class Runtime:
             self._warn_once(key, message)
         original(layer, *args, **kwargs)
         patched = check_built_moe_layer(layer, self.te_cls, self.block_size)
+        if self.recipe.activations is not None:
+            self._patch_experts()
+            self._check_probs_placement(layer)
         if self.recorder is not None:
             from ..metrics import register_moe_layer
 
             register_moe_layer(layer)
         self._built_layers += 1
         self._built_modules += patched
+
+    def _experts_wrapper(self, original):
+        runtime = self
+
+        @functools.wraps(original)
+        def forward(module, *args, **kwargs):
+            return runtime.experts_forward(original, module, args, kwargs)
+
+        forward.__wrapped__ = original
+        return forward
+
+    def experts_forward(self, original, module, args, kwargs):
+        """The patched megatron-core ``TEGroupedMLP.forward(permuted_local_hidden_states,
+        tokens_per_expert, permuted_probs, ...) -> (output, bias)``: under a recipe that quantizes
+        activations, the routing probability goes where the engines put it.
+
+        megatron-core 0.13-0.19 multiplies each token's probability into fc2's INPUT (the SwiGLU
+        output, ``bias_act_func``; fc2's bias by ``_apply_bias``); the engines' fused MoE kernels
+        quantize the unscaled SwiGLU output for the second GEMM and weight each expert's OUTPUT in
+        the finalize / combine step (docs/engines.md). So the experts run with probabilities 1 (an
+        exact no-op on megatron's side: x * 1) and the output is multiplied by the probabilities
+        (fp32 product, cast back to the output dtype, as megatron casts its own product): fc2's
+        input QDQ then sees what the engine quantizes. Gradients follow this forward (dL/dp =
+        <dL/dy, fc2 output>). Unchanged: BF16-activation recipes, ``moe_apply_probs_on_input``
+        (top-1, probabilities on fc1's input; warned at build) and the op-fuser path (refused)."""
+        cfg = getattr(module, "config", None)
+        if (not self.active or self.recipe.activations is None or getattr(module, "_with_fused_impl", False)
+                or getattr(cfg, "moe_apply_probs_on_input", False)):
+            return original(module, *args, **kwargs)
+        if len(args) >= 3:
+            probs, args = args[2], (*args[:2], torch.ones_like(args[2]), *args[3:])
+        elif "permuted_probs" in kwargs:
+            probs, kwargs = kwargs["permuted_probs"], {**kwargs, "permuted_probs": torch.ones_like(kwargs["permuted_probs"])}
+        else:
+            raise RuntimeError(
+                f"MXFP4 fake-QAT recipe {self.recipe.name}: {type(module).__name__}.forward was called without "
+                "permuted_probs; cannot move the routing probabilities after fc2 as the engines apply them"
+            )
+        output, bias = original(module, *args, **kwargs)
+        return (output * probs.unsqueeze(-1)).to(output.dtype), bias
+
+    def _check_probs_placement(self, layer) -> None:
+        """Under an activation recipe: the layer's experts must go through the patched
+        ``TEGroupedMLP.forward`` (else fc2's input QDQ would see probability-scaled values)."""
+        experts = layer.experts
+        installed = self.patched(EXPERTS)
+        if getattr(experts.config, "moe_apply_probs_on_input", False):
+            self._warn_once("probs-on-input", (
+                f"MXFP4 fake-QAT recipe {self.recipe.name} with moe_apply_probs_on_input=True: the routing "
+                "probability scales fc1's input, which the activation QDQ then sees; the engines apply it after fc2"))
+            return
+        if installed is None or type(experts).forward is not installed:
+            raise RuntimeError(
+                f"MXFP4 fake-QAT recipe {self.recipe.name} quantizes the expert activations, but "
+                f"{type(experts).__module__}.{type(experts).__qualname__} does not run megatron-core's TEGroupedMLP.forward "
+                "(patched to apply the routing probabilities after fc2, as the engines do), so fc2's input would be "
+                f"quantized with the probabilities in it; use TEGroupedMLP, a BF16-activation recipe, or {FLAG_HINT}"
+            )
 
     # --- per-module state, guards, hooks -------------------------------------------------------------
     def _adopt(self, module) -> ModuleState:
@@ -408,6 +484,27 @@ class Runtime:
             self._built_modules, self._built_layers, self.recipe.name, self.block_size, kernel,
         )  # fmt: skip
         self._built_layers = self._built_modules = 0
+
+
+TE_GROUPED_LINEAR_MODULE = "transformer_engine.pytorch.module.grouped_linear"
+_HOOK_SOURCES_READ = ("2.20",)  # TE releases whose GroupedLinear._get_weight_tensors source was read
+
+
+def hook_reads_parameters(function) -> bool:
+    """True when ``function`` is exactly TE's own ``GroupedLinear._get_weight_tensors`` of a release
+    in :data:`_HOOK_SOURCES_READ`. TE 2.20.2 ``module/grouped_linear.py:2407-2423``: it returns
+    ``[self.weight]`` when a grouped weight is registered, else ``[self.weight0, ..., weightN-1]``,
+    dequantizing only ``QuantizedTensorStorage`` weights (which the guards refuse). So while a module
+    holds no ``weight`` and its ``weight{i}`` are the kept (guarded, BF16) masters, those masters are
+    what it returns, and :meth:`Runtime.weight_tensors` reads them without calling it (TE's own hook
+    costs ~23 us of host time at 16 experts on an H100 host). A fork's override or a foreign wrapper
+    (which may do more) is always called."""
+    te = sys.modules.get(TE_GROUPED_LINEAR_MODULE)
+    klass = getattr(te, "GroupedLinear", None)
+    if klass is None or klass.__dict__.get("_get_weight_tensors") is not function:
+        return False
+    version = transformer_engine_version() or ""
+    return ".".join(version.split(".")[:2]) in _HOOK_SOURCES_READ
 
 
 def grouped_linear_forward_class(grouped_linear_cls):
@@ -611,8 +708,10 @@ __all__ = [
     "HOOK",
     "FORWARD",
     "MOE_INIT",
+    "EXPERTS",
     "FakeQATUnavailableError",
     "grouped_linear_forward_class",
+    "hook_reads_parameters",
     "check_moe_config",
     "check_built_moe_layer",
     "check_no_hook_override",

@@ -58,7 +58,7 @@ case "$MODE" in
     TAILN=50 step bench_qdq 330 python3 benchmarks/bench_qdq.py --no-compile --out "$OUT/qdq.md" ${BENCH_ARGS:-}
     TAILN=30 step bench_metrics 240 python3 benchmarks/bench_metrics.py --out "$OUT/metrics.md" ${METRICS_ARGS:-} ;;
   step)
-    TAILN=60 step bench_step 580 python3 benchmarks/bench_step.py --out "$OUT/step.md" ${STEP_ARGS:-} ;;
+    TAILN=60 step bench_step 580 python3 benchmarks/bench_step.py --out "$OUT/step.md" --profile-calls "$LOGS/calls" ${STEP_ARGS:-} ;;
   mismatch)
     TAILN=40 step bench_mismatch 580 python3 benchmarks/bench_mismatch.py --out-dir "$OUT" --no-plot ${MISMATCH_ARGS:-} ;;
   multigpu)

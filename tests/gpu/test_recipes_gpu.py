@@ -6,7 +6,8 @@ reference built independently of the runtime: its expert weights are overwritten
 ``mxfp4.fake_quantize(w, rule=R.weights, impl="reference")`` (the PyTorch reference, not the Triton
 kernel the runtime uses), and, when R quantizes activations, forward pre-hooks on its
 ``experts.linear_fc1`` / ``linear_fc2`` replace each GEMM input with the reference fake-quantized
-activation under a straight-through autograd function written here. Checked:
+activation under a straight-through autograd function written here, and the experts run with
+probabilities 1 and scale their output by the routing probabilities (the engines' placement). Checked:
 
 - forward (grad and no_grad) equals the reference;
 - the input gradient equals the reference's (straight-through through both activation QDQs);
@@ -72,6 +73,13 @@ def _reference(config, layer, recipe):
 
         for module in (ref.experts.linear_fc1, ref.experts.linear_fc2):
             module.register_forward_pre_hook(quantize_input)
+        experts_forward = ref.experts.forward  # megatron's own, unpatched (fake-QAT is off for the reference)
+
+        def probs_after_fc2(hidden, tokens_per_expert, permuted_probs, *args, **kwargs):
+            out, bias = experts_forward(hidden, tokens_per_expert, torch.ones_like(permuted_probs), *args, **kwargs)
+            return (out * permuted_probs.unsqueeze(-1)).to(out.dtype), bias
+
+        ref.experts.forward = probs_after_fc2  # where the engines apply the routing probability
     return ref
 
 

@@ -156,7 +156,7 @@ def test_negative_control_flag_not_carried_back_adds_garbage(te_ext, monkeypatch
     from te_standin import DDPLikeHooks
 
     monkeypatch.setattr(fake_weights.FakeWeightsSTE, "backward",
-                        staticmethod(lambda ctx, *grads: (None, None, *grads)))
+                        staticmethod(lambda ctx, *grads: (None, None, None, *grads)))
     layer = te_ext.TEGroupedLinear(2, 64, 8, fuse_wgrad_accumulation=True)
     hooks = DDPLikeHooks([layer.weight0, layer.weight1])
     mm.enable(32)

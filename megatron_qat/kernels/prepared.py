@@ -34,6 +34,7 @@ once warmed up (the first call compiles and, for a group, copies its table).
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 import triton
@@ -127,7 +128,7 @@ class PreparedGroup:
     :func:`prepare_group` after full validation; rebuilt whenever the key changes."""
 
     __slots__ = ("n", "ptrs", "shapes", "dtypes", "device", "total", "dtype", "uniform", "table", "grid",
-                 "fast", "fast_args", "slow_args")  # fmt: skip
+                 "fast", "fast_args", "slow_args", "last_out")  # fmt: skip
 
     def matches(self, xs) -> bool:
         try:
@@ -146,9 +147,27 @@ class PreparedGroup:
         out = torch.empty(self.total, dtype=self.dtype, device=self.device)
         if self.grid:
             self._launch(out)
+        self.last_out = weakref.ref(out)
+        return self._views(out)
+
+    def _views(self, out: torch.Tensor) -> list[torch.Tensor]:
         if self.uniform is not None:
             return list(out.view(self.uniform).unbind(0))
         return triton_qdq.split(out, self.shapes)
+
+    def produced(self, outs: list[torch.Tensor]) -> bool:
+        """Whether ``outs`` are the views of this launch's last output (found through their ``_base``)."""
+        out = outs[0]._base if outs and len(outs) == self.n else None
+        return out is not None and out is self.last_out()
+
+    def run_into(self, outs: list[torch.Tensor]) -> bool:
+        """Launch again into the flat output behind ``outs`` (:meth:`produced`); False when they are
+        not its views."""
+        if not self.produced(outs):
+            return False
+        if self.grid:
+            self._launch(outs[0]._base)
+        return True
 
     def _launch(self, out: torch.Tensor) -> None:
         if triton_qdq._capturing(out):
@@ -183,7 +202,8 @@ def prepare_group(xs: list[torch.Tensor], block_size: int, rule: Rule, slot) -> 
     p.device, p.dtype, p.total = originals[0].device, originals[0].dtype, flat.numel()
     p.uniform = (p.n, *p.shapes[0]) if len(set(p.shapes)) == 1 else None
     p.table, p.grid, p.fast, p.fast_args, p.slow_args = None, 0, None, None, None
-    outs = list(flat.view(p.uniform).unbind(0)) if p.uniform is not None else triton_qdq.split(flat, p.shapes)
+    outs = p._views(flat)
+    p.last_out = weakref.ref(flat)
     if launched is not None:
         compiled, gt, grid, constexprs = launched
         live = [t for t in contiguous if t.numel()]

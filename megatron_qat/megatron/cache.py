@@ -60,6 +60,7 @@ plain fake tensors; a later grad-mode call builds the node then.
 from __future__ import annotations
 
 import operator
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -112,26 +113,34 @@ class FakeWeightsSTE(torch.autograd.Function):
     sets ``grad_added_to_main_grad`` on its owner (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, fakes: list, flag_owners: tuple, *weights: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, fakes: list, flag_owners: tuple, backwards: list, *weights: torch.Tensor):  # type: ignore[override]
         ctx.flag_owners = flag_owners
+        ctx.backwards = backwards  # [count] of backward passes through this node (ModuleState reads it)
         ctx.set_materialize_grads(False)  # TE's None stays None: no zero tensor is allocated for it
         return tuple(f.detach() for f in fakes)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
+        ctx.backwards[0] += 1
         for owner, grad in zip(ctx.flag_owners, grads):
             if owner is not None and grad is not None:
                 owner.grad_added_to_main_grad = True
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
-def connect_fake_weights(fakes: list, weights, fuse_wgrad_accumulation: bool) -> list:
+def flag_owners(weights, fuse_wgrad_accumulation: bool) -> tuple:
+    """Per weight: the Parameter whose ``grad_added_to_main_grad`` the node sets, or None."""
+    return tuple(w if (fuse_wgrad_accumulation and w.requires_grad and hasattr(w, FLAG)) else None for w in weights)
+
+
+def connect_fake_weights(fakes: list, weights, fuse_wgrad_accumulation: bool, owners: tuple | None = None,
+                         backwards: list | None = None) -> list:
     """N tensors holding ``fakes``' values, connected straight-through to ``weights`` (the master
-    Parameters), each carrying its master's attributes. Call with autograd recording."""
-    owners = tuple(
-        w if (fuse_wgrad_accumulation and w.requires_grad and hasattr(w, FLAG)) else None for w in weights
-    )
-    outs = FakeWeightsSTE.apply(fakes, owners, *weights)
+    Parameters), each carrying its master's attributes. Call with autograd recording. ``backwards``:
+    a one-element list the node increments on every backward pass through it."""
+    if owners is None:
+        owners = flag_owners(weights, fuse_wgrad_accumulation)
+    outs = FakeWeightsSTE.apply(fakes, owners, [0] if backwards is None else backwards, *weights)
     for w, q in zip(weights, outs):
         carry_attributes(w, q)
     return list(outs)
@@ -148,6 +157,19 @@ def _drop_on_load(module, incompatible_keys) -> None:
 
 
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
+_use_count = torch._C._storage_Use_Count
+_increment_version = torch._C._increment_version
+
+
+def _storage_refs(tensor: torch.Tensor) -> int:
+    """How many tensors hold ``tensor``'s storage (views, aliases, autograd's saved copies), plus one."""
+    return _use_count(tensor.untyped_storage()._cdata)
+
+
+def _python_refs(tensors) -> int:
+    """The largest Python reference count among ``tensors`` (a list kept by the state): above the
+    state's own when a caller still holds one of them."""
+    return max(map(sys.getrefcount, tensors), default=0)
 
 
 class ModuleState:
@@ -161,13 +183,25 @@ class ModuleState:
 
     **Host cost.** A hit is four attribute reads per weight (object, pointer, version,
     requires_grad) and, for CUDA weights, one capture query. The masters of the last copy stay
-    known after it is dropped (:meth:`held_masters`), so with TE's own hook the runtime finds them
-    without calling it, on hits and on the miss after each optimizer step alike.
+    known (:meth:`held_masters`), so with TE's own hook the runtime finds them without calling it.
+
+    **The copy across optimizer steps** (:meth:`release`, then a miss). When nothing but this
+    state can still read the copy, an optimizer step (or ``invalidate_cache()``) only frees its
+    memory (``untyped_storage().resize_(0)``: the tensors, their views and the straight-through
+    node stay), and the next miss on the same weight set re-allocates it and re-quantizes INTO it
+    (:meth:`_refill`): no new tensors, no new node, no unbind; the shared version counter is bumped
+    and the Parameters' attributes are carried again. "Nothing else can read it" is two counts
+    taken by the state: every grad-mode hand-out of the connected tensors has been matched by a
+    backward pass through their node (no micro-batch's graph is pending; the node counts its
+    passes), the storage's reference count is the state's own (nobody made a view or alias of it;
+    autograd's saved copies count too), and no caller still holds one of the tensors it was handed
+    (their Python reference counts are the state's own). Otherwise the copy is dropped and a new one made, as
+    before. Memory between steps is the same either way: the copy is freed at the step.
     """
 
     __slots__ = ("clock", "module_ref", "quantizer", "activations", "flag", "load_hook", "guarded", "epoch",
                  "masters", "versions", "ptrs", "grads", "plain", "plain_carried", "connected", "requires_grad", "fuse",
-                 "keys", "__weakref__")
+                 "keys", "own_refs", "py_refs", "owners", "handed", "backwards", "nbytes", "__weakref__")
 
     def __init__(self, clock: CacheClock, module, quantizer, activations=None):
         self.clock = clock
@@ -188,8 +222,28 @@ class ModuleState:
         stay known (``held_masters``), as long as the module holds them."""
         self.epoch = -1
         self.versions = self.ptrs = self.grads = None
-        self.plain = self.connected = None
+        self.plain = self.connected = self.owners = None
         self.plain_carried = False
+        self.own_refs, self.handed, self.backwards, self.nbytes = -1, 0, [0], 0
+        self.py_refs = (0, 0)  # _python_refs of plain and of connected when the state made them
+
+    def release(self) -> None:
+        """The copy is stale (an optimizer step, ``invalidate_cache()``): free its memory, keeping the
+        tensors for :meth:`_refill` when only this state can read them, else drop it."""
+        if self.plain and self.quantizer.wrote(self.plain) and self._exclusive():
+            storage = self.plain[0].untyped_storage()
+            if storage.nbytes():
+                self.nbytes = storage.nbytes()
+                storage.resize_(0)
+            self.epoch = -1
+        else:
+            self.drop()
+
+    def _exclusive(self) -> bool:
+        """No pending graph (every grad-mode hand-out matched by a backward pass through the node)
+        and no view or alias of the copy but the state's own."""
+        return (self.own_refs >= 0 and self.handed == self.backwards[0] and _storage_refs(self.plain[0]) == self.own_refs
+                and (_python_refs(self.plain), _python_refs(self.connected or ())) == self.py_refs)
 
     def remove(self) -> None:
         """Drop the copy and the load hook and leave the module (the runtime closes)."""
@@ -249,24 +303,61 @@ class ModuleState:
             return self._uncached(module, weights, ptrs, guard, grad)  # keep the old copy
         else:
             clock.misses += 1
-            self.drop()  # the old copy goes before the new one is allocated
-            self.plain = self._quantize(module, weights, ptrs, guard)
-            if not same:
-                self.masters = tuple(weights)
-                self.keys = _parameter_keys(module, self.masters)
-            self.fuse = bool(getattr(module, "fuse_wgrad_accumulation", False))
+            if not (same and ptrs == self.ptrs and self._refill(module, weights, ptrs, guard)):
+                self.drop()  # the old copy goes before the new one is allocated
+                self.plain = self._quantize(module, weights, ptrs, guard)
+                if not same:
+                    self.masters = tuple(weights)
+                    self.keys = _parameter_keys(module, self.masters)
+                self.fuse = bool(getattr(module, "fuse_wgrad_accumulation", False))
+                self.own_refs = _storage_refs(self.plain[0]) if self.plain else -1
+                self.py_refs = (_python_refs(self.plain), 0)
             self.versions, self.ptrs, self.grads = versions, ptrs, grads
             self.requires_grad = any(grads)
             self.epoch = clock.epoch
         if grad and self.requires_grad:
             if self.connected is None:
-                self.connected = connect_fake_weights(self.plain, list(self.masters), self.fuse)
+                self.owners = flag_owners(self.masters, self.fuse)
+                self.connected = connect_fake_weights(self.plain, list(self.masters), self.fuse, self.owners,
+                                                      self.backwards)
+                if self.own_refs >= 0:  # one alias per output (FakeWeightsSTE.forward's detach)
+                    expected = self.own_refs + len(self.connected)
+                    self.own_refs = expected if _storage_refs(self.plain[0]) == expected else -1
+                self.py_refs = (self.py_refs[0], _python_refs(self.connected))
+            self.handed += 1
             return list(self.connected)
         if not self.plain_carried:  # only when the plain copy is handed out (no grad, or frozen experts)
             for w, f in zip(self.masters, self.plain):
                 carry_attributes(w, f)
             self.plain_carried = True
         return list(self.plain)
+
+    def _refill(self, module, weights, ptrs: list, guard) -> bool:
+        """Re-quantize the kept masters into the kept copy (see the class docstring); True when done,
+        False (nothing changed) when it cannot be done in place."""
+        plain = self.plain
+        if (not plain or torch.compiler.is_compiling() or not self._exclusive()
+                or self.fuse != bool(getattr(module, "fuse_wgrad_accumulation", False))):
+            return False
+        self._guard(module, weights, ptrs, guard)
+        storage = plain[0].untyped_storage()
+        if not storage.nbytes() and self.nbytes:
+            storage.resize_(self.nbytes)
+        with torch.no_grad():
+            if not self.quantizer.quantize_into(weights, plain):
+                return False  # the caller drops the copy
+        _increment_version(plain[0])  # one counter: the views, their base and the connected aliases share it
+        self.plain_carried = False  # the Parameters' attributes as of now, when the plain copy is next handed out
+        if self.connected is not None:
+            if all(map(operator.is_, flag_owners(weights, self.fuse), self.owners)):
+                for w, q in zip(weights, self.connected):
+                    carry_attributes(w, q)  # e.g. a main_grad buffer re-created since the last step
+            else:  # a weight's requires_grad or grad_added_to_main_grad attribute changed: a new node
+                self.own_refs -= len(self.connected)
+                self.connected = self.owners = None
+                self.handed, self.backwards = 0, [0]
+                self.py_refs = (self.py_refs[0], 0)
+        return True
 
     def _uncached(self, module, weights: list, ptrs: list, guard, grad: bool) -> list:
         """Fake-quantize for this call only; the kept copy (if any) stays as it is."""

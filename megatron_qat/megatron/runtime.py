@@ -443,7 +443,7 @@ class Runtime:
         """Forget every cached copy (the next forward of each module fake-quantizes again)."""
         self.clock.epoch += 1
         for state in list(self.states):
-            state.drop()
+            state.release()
 
     def stats(self) -> CacheStats:
         return self.clock.stats()

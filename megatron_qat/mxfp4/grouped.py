@@ -56,6 +56,22 @@ class GroupedFakeQuantizer:
             return prepared()
         return self._prepare_and_run(xs)
 
+    def wrote(self, outs: list[torch.Tensor]) -> bool:
+        """Whether ``outs`` are the views of the current prepared launch's last output (the only
+        tensors :meth:`quantize_into` can write again)."""
+        prepared = self._prepared
+        return prepared is not None and prepared.produced(outs)
+
+    def quantize_into(self, xs, outs: list[torch.Tensor]) -> bool:
+        """Fake-quantize ``xs`` again into ``outs``, the tensors an earlier call of this quantizer
+        returned for the same tensors (same key), and return True; False (nothing written) when
+        ``outs`` are not the current prepared launch's output or the key changed. The caller makes
+        sure nothing else reads ``outs`` meanwhile and bumps their version counter."""
+        prepared = self._prepared
+        if prepared is None or torch.compiler.is_compiling() or type(xs) not in (list, tuple) or not prepared.matches(xs):
+            return False
+        return prepared.run_into(outs)
+
     def _prepare_and_run(self, xs) -> list[torch.Tensor]:
         self._prepared = None
         if isinstance(xs, torch.Tensor):

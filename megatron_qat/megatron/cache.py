@@ -39,7 +39,9 @@ weight set (objects and pointers) is new, not on every miss: once per module and
 
 **Memory.** Every cached call gets aliases of ONE fake-quantized copy (the quantizer's flat output),
 so TE's saved weights of all in-flight micro-batches share one storage: at most 1.0x the local
-expert bytes extra. The copy is dropped at the next invalidation, before the new one is made.
+expert bytes extra. The copy is freed at the next invalidation (its tensors are kept for the next
+miss when nothing else can read them, :meth:`ModuleState.release`), else dropped before the new
+one is made.
 
 **Gradients** (TE 2.20.2 ``_GroupedLinear.backward`` / ``handle_custom_ddp_from_mcore``, megatron-core
 0.19.2 ``DistributedDataParallel._make_backward_post_hook``): with ``fuse_wgrad_accumulation`` TE
@@ -157,13 +159,11 @@ def _drop_on_load(module, incompatible_keys) -> None:
 
 
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
-_use_count = torch._C._storage_Use_Count
-_increment_version = torch._C._increment_version
 
 
 def _storage_refs(tensor: torch.Tensor) -> int:
     """How many tensors hold ``tensor``'s storage (views, aliases, autograd's saved copies), plus one."""
-    return _use_count(tensor.untyped_storage()._cdata)
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
 def _python_refs(tensors) -> int:
@@ -346,7 +346,7 @@ class ModuleState:
         with torch.no_grad():
             if not self.quantizer.quantize_into(weights, plain):
                 return False  # the caller drops the copy
-        _increment_version(plain[0])  # one counter: the views, their base and the connected aliases share it
+        torch._C._increment_version(plain[0])  # one counter: the views, their base and the connected aliases share it
         self.plain_carried = False  # the Parameters' attributes as of now, when the plain copy is next handed out
         if self.connected is not None:
             if all(map(operator.is_, flag_owners(weights, self.fuse), self.owners)):

@@ -315,15 +315,19 @@ class Runtime:
         finally:
             state.flag = previous
 
-    def _moe_init_wrapper(self, original):
-        runtime = self
+    @staticmethod
+    def _wrap(original, method):
+        """The function installed over ``original``: ``method(original, obj, args, kwargs)``."""
 
         @functools.wraps(original)
-        def __init__(layer, *args, **kwargs):
-            return runtime.moe_layer_init(original, layer, args, kwargs)
+        def wrapper(obj, *args, **kwargs):
+            return method(original, obj, args, kwargs)
 
-        __init__.__wrapped__ = original
-        return __init__
+        wrapper.__wrapped__ = original
+        return wrapper
+
+    def _moe_init_wrapper(self, original):
+        return self._wrap(original, self.moe_layer_init)
 
     def moe_layer_init(self, original, layer, args, kwargs) -> None:
         """The patched ``MoELayer.__init__``: sticky-failure check, config guards, structure guards."""
@@ -346,14 +350,7 @@ class Runtime:
         self._built_modules += patched
 
     def _experts_wrapper(self, original):
-        runtime = self
-
-        @functools.wraps(original)
-        def forward(module, *args, **kwargs):
-            return runtime.experts_forward(original, module, args, kwargs)
-
-        forward.__wrapped__ = original
-        return forward
+        return self._wrap(original, self.experts_forward)
 
     def experts_forward(self, original, module, args, kwargs):
         """The patched megatron-core ``TEGroupedMLP.forward(permuted_local_hidden_states,

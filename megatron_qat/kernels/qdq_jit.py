@@ -167,6 +167,19 @@ def fake_value_bits(r, byte, sign_bits):
 
 
 @triton.jit
+def float32_bits(x, KIND: tl.constexpr):
+    """Loaded elements (bf16 as int16 bits, fp16 as fp16, fp32 as int32 bits) -> int32 float32 bits
+    (exact widening)."""
+    if KIND == 0:
+        bits = x.to(tl.int32) << 16
+    elif KIND == 1:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+    else:
+        bits = x
+    return bits
+
+
+@triton.jit
 def qdq_tile(
     x_ptr,
     out_ptr,
@@ -203,13 +216,7 @@ def qdq_tile(
     offs = rows[:, None] * BS + cols[None, :]
     x = tl.load(x_ptr + blk0 * BS + offs, mask=mask, other=0)
 
-    # float32 bits of x (exact widening).
-    if KIND == 0:
-        bits = x.to(tl.int32) << 16
-    elif KIND == 1:
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-    else:
-        bits = x
+    bits = float32_bits(x, KIND)
     mag = bits & 0x7FFFFFFF
 
     # a. amax per block on magnitude bits (monotone for non-negative floats; NaN > inf).

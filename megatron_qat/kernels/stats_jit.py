@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .qdq_jit import E2M1_MAX, INF_BITS, SIGN32, fake_value_bits, round_magnitude, scale_byte, scaled_magnitude
+from .qdq_jit import (E2M1_MAX, INF_BITS, SIGN32, fake_value_bits, float32_bits, round_magnitude, scale_byte,
+                      scaled_magnitude)
 
 # An element is a tie when |v| is the midpoint of two adjacent E2M1 magnitudes (0.25, 0.75, 1.25,
 # 1.75, 2.5, 3.5, 5): the rounding rule, not the value, decides where it goes. Within the binade
@@ -39,19 +40,6 @@ HALF_STEP_OFFSET = tl.constexpr(2 << 23)  # exponent field of 2**(E-2) = that of
 # ties, non-finite blocks.
 N_COUNTERS = tl.constexpr(7)
 SCALE_BINS = tl.constexpr(256)
-
-
-@triton.jit
-def float32_bits(x, KIND: tl.constexpr):
-    """Loaded elements (bf16 as int16 bits, fp16 as fp16, fp32 as int32 bits) -> int32 float32 bits
-    (exact widening)."""
-    if KIND == 0:
-        bits = x.to(tl.int32) << 16
-    elif KIND == 1:
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-    else:
-        bits = x
-    return bits
 
 
 @triton.jit

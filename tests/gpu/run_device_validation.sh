@@ -7,7 +7,8 @@
 #   kernel    the GPU tests that need no TE (kernels, rules, statistics kernel, CUDA graphs)
 #   tests     every GPU test (tests/gpu: kernels, rules, statistics kernel, Megatron/TE patch, cache,
 #             CUDA graphs, recipes, export, metrics, autoload with the installed wheel, EP=1 training),
-#             parity refusals, the one-GPU run of the EP training check
+#             parity refusals, the one-GPU run of the EP training check (GPU_TESTS="file ...": only
+#             those test files, nothing else; TESTS_TIMEOUT: seconds for pytest, default 480)
 #   bench     benchmarks/bench_qdq.py and benchmarks/bench_metrics.py -> $OUT/qdq.md, $OUT/metrics.md
 #   step      benchmarks/bench_step.py -> $OUT/step.md (STEP_ARGS adds arguments)
 #   mismatch  benchmarks/bench_mismatch.py -> $OUT/mismatch_<gpu>.{md,json}
@@ -48,7 +49,8 @@ case "$MODE" in
     if ls .device/dist/megatron_qat-*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --force-reinstall .device/dist/megatron_qat-*.whl && echo "installed the wheel"
     fi
-    TAILN=30 step gpu_tests 480 python3 -m pytest -q -rs -p no:cacheprovider $GPU_KERNEL_TESTS $GPU_TE_TESTS
+    TAILN=30 step gpu_tests "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -rs -p no:cacheprovider ${GPU_TESTS:-$GPU_KERNEL_TESTS $GPU_TE_TESTS}
+    [ -n "${GPU_TESTS:-}" ] && exit 0  # a chosen subset: no parity / EP=1 run
     { for args in "--reference flashinfer" "--reference flashinfer --allow-unsupported-gpu" "--device cuda --reference golden"; do
         echo "\$ megatron-qat parity $args"; python3 -m megatron_qat.parity $args 2>&1 | grep -v "^OK " | tail -4; echo "exit code: ${PIPESTATUS[0]}"; done; } > "$LOGS/parity.log" 2>&1
     cat "$LOGS/parity.log"

@@ -190,13 +190,13 @@ class ModuleState:
     memory (``untyped_storage().resize_(0)``: the tensors, their views and the straight-through
     node stay), and the next miss on the same weight set re-allocates it and re-quantizes INTO it
     (:meth:`_refill`): no new tensors, no new node, no unbind; the shared version counter is bumped
-    and the Parameters' attributes are carried again. "Nothing else can read it" is two counts
-    taken by the state: every grad-mode hand-out of the connected tensors has been matched by a
+    and the Parameters' attributes are carried again. "Nothing else can read it" is three checks
+    made by the state: every grad-mode hand-out of the connected tensors has been matched by a
     backward pass through their node (no micro-batch's graph is pending; the node counts its
     passes), the storage's reference count is the state's own (nobody made a view or alias of it;
     autograd's saved copies count too), and no caller still holds one of the tensors it was handed
-    (their Python reference counts are the state's own). Otherwise the copy is dropped and a new one made, as
-    before. Memory between steps is the same either way: the copy is freed at the step.
+    (their Python reference counts are the state's own). Otherwise the copy is dropped and a new
+    one made, as before. Memory between steps is the same either way: the copy is freed at the step.
     """
 
     __slots__ = ("clock", "module_ref", "quantizer", "activations", "flag", "load_hook", "guarded", "epoch",
@@ -240,8 +240,8 @@ class ModuleState:
             self.drop()
 
     def _exclusive(self) -> bool:
-        """No pending graph (every grad-mode hand-out matched by a backward pass through the node)
-        and no view or alias of the copy but the state's own."""
+        """No pending graph (every grad-mode hand-out matched by a backward pass through the node),
+        no view or alias of the copy but the state's own, and no caller holding a handed-out tensor."""
         return (self.own_refs >= 0 and self.handed == self.backwards[0] and _storage_refs(self.plain[0]) == self.own_refs
                 and (_python_refs(self.plain), _python_refs(self.connected or ())) == self.py_refs)
 

@@ -860,13 +860,14 @@ def _train_steps(layer, steps=3, keep=False):
     """``steps`` optimizer steps of 2 micro-batches (fused wgrad, DDP-like hooks, Adam). Returns
     outputs, input gradients, main_grads and final weights; a weak reference to what TE got at each
     step's first micro-batch; the copy's storage size after each step. ``keep``: the test holds what
-    TE got at step 0 (a caller holding a handed-out tensor); else it keeps nothing TE was handed."""
+    TE got at step 0 (a caller holding a handed-out tensor); else it keeps nothing TE was handed.
+    Last: the version counter of the kept copy after each step's first micro-batch."""
     import weakref
 
     params = _experts(layer)
     ddp = DDPLikeHooks(params)
     opt = torch.optim.Adam(params, lr=1e-2)
-    got, sizes, results, held = [], [], [], None
+    got, sizes, results, held, versions = [], [], [], None, []
     for step in range(steps):
         ddp.zero_grad_buffer()
         for i, s in enumerate(SPLITS[:2]):
@@ -874,6 +875,8 @@ def _train_steps(layer, steps=3, keep=False):
             out = layer(x, s)[0]
             if i == 0:
                 got.append(weakref.ref(layer.received[-1][0]))
+                plain = wc.state(layer).plain
+                versions.append(plain[0]._version if plain else None)
                 if keep and step == 0:
                     held = (list(layer.received[-1]), [mxfp4.fake_quantize(p.detach(), BLOCK) for p in params])
             layer.received.clear()
@@ -888,7 +891,7 @@ def _train_steps(layer, steps=3, keep=False):
             p.grad = None
         state = wc.state(layer)
         sizes.append(state.plain[0].untyped_storage().nbytes() if state.plain else None)
-    return results + [p.detach().clone() for p in params], got, sizes, held
+    return results + [p.detach().clone() for p in params], got, sizes, held, versions
 
 
 @pytest.mark.parametrize("cache", ["prepared"], indirect=True)
@@ -904,12 +907,15 @@ def test_a_step_frees_the_copy_and_the_next_miss_refills_the_same_tensors(cache,
         wc.configure()
         layers.append(_layer(fuse=True))
         runs.append(_train_steps(layers[-1]))
-    (uncached, _, _, _), (cached, got, sizes, _) = runs
+    (uncached, *_), (cached, got, sizes, _, versions) = runs
     for a, b in zip(uncached, cached):
         assert torch.equal(bits(a), bits(b))
     assert _stats()[:2] == (3, 3)
     assert got[0]() is not None and all(ref() is got[0]() for ref in got), "each step must reuse the kept tensors"
     assert sizes == [0, 0, 0], "the step must free the copy's memory"
+    # A refill writes through a raw pointer, so it bumps the shared version counter itself: once per
+    # step (bumping it row by row costs tens of microseconds per miss at real shapes).
+    assert [v - versions[0] for v in versions] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("cache", ["prepared"], indirect=True)
@@ -917,7 +923,7 @@ def test_a_caller_holding_a_handed_out_tensor_keeps_its_values(cache):
     """A caller that keeps what TE was handed across a step still reads the values of that step:
     the next miss makes a new copy instead of writing into the held one."""
     layer = _layer(fuse=True)
-    _, got, _, (held, values) = _train_steps(layer, steps=2, keep=True)
+    _, got, _, (held, values), _ = _train_steps(layer, steps=2, keep=True)
     for tensor, want in zip(held, values):
         assert torch.equal(bits(tensor), bits(want))
     assert got[1]() is not held[0]

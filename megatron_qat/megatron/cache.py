@@ -346,7 +346,9 @@ class ModuleState:
         with torch.no_grad():
             if not self.quantizer.quantize_into(weights, plain):
                 return False  # the caller drops the copy
-        torch._C._increment_version(plain[0])  # one counter: the views, their base and the connected aliases share it
+        # One counter: the views, their base and the connected aliases share it. (A bare tensor given to
+        # torch._C._increment_version is iterated: one bump per row, tens of microseconds.)
+        torch.autograd.graph.increment_version(plain[0])
         self.plain_carried = False  # the Parameters' attributes as of now, when the plain copy is next handed out
         if self.connected is not None:
             if all(map(operator.is_, flag_owners(weights, self.fuse), self.owners)):

@@ -353,7 +353,7 @@ def _cache_stats():
     from megatron_qat.megatron import current
 
     runtime = current()
-    return (0, 0, 0) if runtime is None else tuple(runtime.stats().__dict__.values())
+    return (0, 0, 0, 0) if runtime is None else tuple(runtime.stats().__dict__.values())
 
 
 def _qdq_kernel_ms(model) -> float:
@@ -536,7 +536,7 @@ def _report(rows, infos, args, wgrad: str) -> str:
                    f"{info['expert_bytes'] / 2**30:.2f} GiB, QDQ kernel {info['kernel_ms']:.3f} ms per step (all layers), "
                    f"vocabulary {info['vocab']}" + (f" -- SCALED: {info['scaled']}" if info["scaled"] else ""))
     out += ["", "| shape | micro-batches | variant | median ms | IQR ms | overhead | host us/call unpatched | hit | miss "
-                "| uncached | peak GiB | extra x expert bytes | hits/misses/uncached (last step) |",
+                "| uncached | peak GiB | extra x expert bytes | hits/misses/uncached/refills (last step) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["host"]

@@ -79,26 +79,29 @@ _data_ptr = torch.Tensor.data_ptr
 @dataclass(frozen=True)
 class CacheStats:
     """Counts since the runtime's start or last reset: ``hits`` (cached copy reused), ``misses``
-    (fake-quantized and kept), ``uncached`` (fake-quantized, nothing kept)."""
+    (fake-quantized and kept), ``uncached`` (fake-quantized, nothing kept); ``refills``: the misses
+    that re-quantized into the copy kept across an optimizer step (:meth:`ModuleState.release`)
+    instead of making a new one."""
 
     hits: int
     misses: int
     uncached: int
+    refills: int = 0
 
 
 class CacheClock:
     """What every :class:`ModuleState` of one runtime shares: the cache ``epoch`` (bumped to
     invalidate every copy at once), whether ``caching`` is on, and the hit / miss / uncached counts."""
 
-    __slots__ = ("epoch", "caching", "hits", "misses", "uncached")
+    __slots__ = ("epoch", "caching", "hits", "misses", "uncached", "refills")
 
     def __init__(self, caching: bool):
         self.epoch = 0
         self.caching = caching
-        self.hits = self.misses = self.uncached = 0
+        self.hits = self.misses = self.uncached = self.refills = 0
 
     def stats(self) -> CacheStats:
-        return CacheStats(self.hits, self.misses, self.uncached)
+        return CacheStats(self.hits, self.misses, self.uncached, self.refills)
 
 
 def carry_attributes(source: torch.Tensor, fake: torch.Tensor) -> None:
@@ -303,7 +306,9 @@ class ModuleState:
             return self._uncached(module, weights, ptrs, guard, grad)  # keep the old copy
         else:
             clock.misses += 1
-            if not (same and ptrs == self.ptrs and self._refill(module, weights, ptrs, guard)):
+            if same and ptrs == self.ptrs and self._refill(module, weights, ptrs, guard):
+                clock.refills += 1
+            else:
                 self.drop()  # the old copy goes before the new one is allocated
                 self.plain = self._quantize(module, weights, ptrs, guard)
                 if not same:

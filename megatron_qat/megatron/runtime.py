@@ -446,7 +446,7 @@ class Runtime:
         return self.clock.stats()
 
     def reset_stats(self) -> None:
-        self.clock.hits = self.clock.misses = self.clock.uncached = 0
+        self.clock.hits = self.clock.misses = self.clock.uncached = self.clock.refills = 0
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.check_failure(f"{type(optimizer).__name__}.step()")

@@ -914,7 +914,7 @@ def test_a_step_frees_the_copy_and_the_next_miss_refills_the_same_tensors(cache,
     assert got[0]() is not None and all(ref() is got[0]() for ref in got), "each step must reuse the kept tensors"
     assert sizes == [0, 0, 0], "the step must free the copy's memory"
     # A refill writes through a raw pointer, so it bumps the shared version counter itself: once per
-    # step (bumping it row by row costs tens of microseconds per miss at real shapes).
+    # step (bumping it row by row cost milliseconds per miss at real shapes).
     assert [v - versions[0] for v in versions] == [0, 1, 2]
     assert mm.current().stats().refills == 2  # steps 2 and 3 (step 1 made the copy)
 

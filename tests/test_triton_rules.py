@@ -61,3 +61,42 @@ def test_mxfp8_codes_are_one_byte_per_element_and_vllm_keeps_subnormal_blocks():
     y = torch.zeros(1, 32, dtype=torch.bfloat16)
     y.view(torch.int16)[0, 0] = 0x0040  # 2**-127: FlashInfer flushes it, vLLM scales it by 2**127
     assert triton_qdq.fake_quantize(y.to(DEVICE), rule=VLLM_ONLINE_MXFP4).cpu().view(torch.int16)[0, 0] == 0x0040
+
+
+def _every_bf16_magnitude_blocks(block_max: float) -> torch.Tensor:
+    """Every bf16 bit pattern with |x| <= block_max (others 0), 31 per block, plus ``block_max``:
+    each element meets every decision point of the grid under that block's scale."""
+    v = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    v = torch.where(v.abs() <= block_max, v, torch.zeros((), dtype=torch.bfloat16))  # NaN -> 0 too
+    v = v[: (v.numel() // 31) * 31].view(-1, 31)
+    return torch.cat([v, torch.full((v.shape[0], 1), block_max, dtype=torch.bfloat16)], 1).reshape(-1, 64)
+
+
+BLOCK_MAXIMA = (6.0, 5.0, 4.0, 7.0, 1.0, 0.75, 1e-38, 3.0e38)
+
+
+@pytest.mark.parametrize("block_max", BLOCK_MAXIMA)
+@pytest.mark.parametrize("rule", OTHER_RULES, ids=str)
+def test_every_bf16_magnitude_every_rule(rule, block_max):
+    """Exhaustive over bf16: every magnitude, both signs, under eight block maxima (the ties-down
+    rounding moved to ``ceil(a / step - 0.5) * step``)."""
+    x = _every_bf16_magnitude_blocks(block_max).to(DEVICE)
+    out, ref = triton_qdq.fake_quantize(x, rule=rule), fake_quantize_reference(x, rule=rule)
+    assert compare_bits(out, ref) is None, compare_bits(out, ref)
+
+
+@pytest.mark.parametrize("scale", (1.0, 2.0**-20, 2.0**40, 0.75))
+@pytest.mark.parametrize("rule", OTHER_RULES, ids=str)
+def test_fp32_within_two_ulp_of_every_decision_point_every_rule(rule, scale):
+    """fp32 elements at, and 1-2 ulp either side of, every E2M1 grid point and midpoint (after the
+    block's scale), in blocks whose max is 6 * scale."""
+    points = torch.tensor([0.0, 0.0625, 0.125, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+    near = torch.cat([points.view(torch.int32) + d for d in (-2, -1, 0, 1, 2)]).view(torch.float32)
+    near = near[(near >= 0) & (near <= 6.0)]
+    g = torch.Generator().manual_seed(0)
+    vals = torch.cat([near, torch.rand(4096, generator=g) * 6])
+    v = vals[: (vals.numel() // 31) * 31].view(-1, 31)
+    v = v * torch.where(torch.rand(v.shape, generator=g) < 0.5, -1.0, 1.0)
+    x = (torch.cat([v, torch.full((v.shape[0], 1), 6.0)], 1) * scale).to(DEVICE)
+    out, ref = triton_qdq.fake_quantize(x, rule=rule), fake_quantize_reference(x, rule=rule)
+    assert compare_bits(out, ref) is None, compare_bits(out, ref)

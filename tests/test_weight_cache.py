@@ -892,7 +892,7 @@ def _train_steps(layer, steps=3, keep=False, hold_graph=False):
             out.backward(_x(out.shape[0], 100 + 10 * step + i)[:, :OUT])
             results += [out.detach(), x.grad]
             if hold_graph:
-                graph = out
+                graph = out  # held only for its reference, like the dispatcher's self.probs
             del out
         results += [p.main_grad.clone() for p in params]
         for p in params:

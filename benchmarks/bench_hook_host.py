@@ -49,7 +49,9 @@ def parse_args(argv=None):
     ap.add_argument("--hidden", type=int, default=64, help="in_features (multiple of 32)")
     ap.add_argument("--calls", type=int, default=2000, help="calls per sample")
     ap.add_argument("--repeats", type=int, default=15, help="samples per variant")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hook_host_cpu.md")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the weights live; cuda adds the rows with the real kernel launch")
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/hook_host_<device>.md")
     return ap.parse_args(argv)
 
 
@@ -101,6 +103,8 @@ class _NoLaunch:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / f"hook_host_{args.device}.md"
     os.environ.pop("MEGATRON_QAT_CACHE", None)
     os.environ["MEGATRON_QAT_METRICS_INTERVAL"] = "1000000"  # metrics on, no logging step: the due() check
     import torch
@@ -111,7 +115,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     cls = _layer_cls()
-    layer = cls(args.experts, args.hidden, args.hidden, dtype=torch.bfloat16)
+    layer = cls(args.experts, args.hidden, args.hidden, dtype=torch.bfloat16).to(args.device)
+    cuda = args.device == "cuda"
     unpatched = cls._get_weight_tensors
     from megatron_qat.megatron import runtime as runtime_module
 
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     runtime_module.hook_reads_parameters = lambda function: function is unpatched
     megatron_qat.enable(32)
     layer.is_first_microbatch = True
-    layer(torch.randn(args.experts, args.hidden, dtype=torch.bfloat16), [1] * args.experts)  # the miss
+    layer(torch.randn(args.experts, args.hidden, dtype=torch.bfloat16, device=args.device), [1] * args.experts)  # the miss
     layer.__dict__[STATE_ATTR].flag = False  # as inside TE's forward on a later micro-batch
     runtime = current()
     runtime.reset_stats()
@@ -134,6 +139,26 @@ def main(argv=None) -> int:
     assert stats.misses == 0 and stats.uncached == 0 and stats.hits == 2 * (args.repeats + 1) * args.calls, stats
 
     state = layer.__dict__[STATE_ATTR]
+    held = []
+
+    def step_then_call_held():  # what TE got stays held (in Megatron: TE's finished autograd nodes)
+        runtime.invalidate()
+        held[:] = [layer._get_weight_tensors()]
+
+    if cuda:  # the real launch: the whole miss, and the refill's launch alone
+        with torch.no_grad():
+            step_then_call_held()
+            kept = state.plain
+            masters = list(state.masters)
+            launch = _interleaved({"off": lambda: unpatched(layer),
+                                   "on": lambda: state.quantizer.quantize_into(masters, kept)}, args.calls, args.repeats)
+            runtime.reset_stats()
+            miss = _interleaved({"off": lambda: unpatched(layer), "on": step_then_call_held}, args.calls, args.repeats)
+        torch.cuda.synchronize()
+        stats = runtime.stats()
+        assert stats.hits == 0 and stats.refills == stats.misses and state.plain is kept, (stats, "not refilled")
+        cuda_rows = [("the refill's launch alone (quantize_into), no_grad", launch["off"], launch["on"]),
+                     ("miss after a step, copy held (with launch), no_grad", miss["off"], miss["on"])]
     state.quantizer = _NoLaunch(state.quantizer)
 
     def step_then_call():
@@ -148,12 +173,6 @@ def main(argv=None) -> int:
     rows.append(("miss after a step (no launch), no_grad", miss["off"], miss["on"]))
     stats = runtime.stats()
     assert stats.hits == 0 and stats.uncached == 0 and state.plain is kept, (stats, "the copy was not refilled")
-
-    held = []
-
-    def step_then_call_held():  # what TE got stays held (in Megatron: TE's finished autograd nodes)
-        runtime.invalidate()
-        held[:] = [layer._get_weight_tensors()]
 
     with torch.no_grad():
         step_then_call_held()
@@ -177,13 +196,19 @@ def main(argv=None) -> int:
     wrapper = rows[4][2] - rows[4][1]
     total = worst_hook + wrapper  # the dearer hook row + the forward wrapper
     miss_total = max(rows[2][2], rows[3][2]) + wrapper  # the dearer whole miss call (not a difference) + the wrapper
+    if cuda:
+        rows += cuda_rows
+        gpu = torch.cuda.get_device_name()
+        machine = f"{gpu}, host {platform.machine()} {os.cpu_count()} cores; triton {__import__('triton').__version__}"
+    else:
+        machine = f"{platform.machine()}, {os.cpu_count()} cores (the 2-core development VM)"
     lines = [
-        "# Host cost of the patched hook per TEGroupedLinear call (CPU)",
+        f"# Host cost of the patched hook per TEGroupedLinear call ({args.device.upper()})",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores (the 2-core development VM); python {platform.python_version()}, "
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {machine}; "
+        f"python {platform.python_version()}, "
         f"torch {torch.__version__}, megatron-core {__import__('megatron.core', fromlist=['__version__']).__version__}, "
-        "Transformer Engine: CPU stand-in (tests/te_standin.py)",
+        "Transformer Engine: the CPU stand-in (tests/te_standin.py) also on CUDA (host work only)",
         f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`",
         f"- {args.experts} experts [{args.hidden}, {args.hidden}] bf16; median of {args.repeats} samples of "
         f"{args.calls} calls, variants interleaved; one thread",
@@ -201,6 +226,9 @@ def main(argv=None) -> int:
               f"miss rows: the whole call, step's release included, + the forward wrapper): **{miss_total:.1f} us** (target, issue 14: <= 60 us "
               "of host time per miss, launch included; the grouped launch's own host time is measured on the GPU "
               "by `tests/gpu/hot_path_smoke.py`).", ""]
+    if cuda:
+        lines += [f"With the real launch on this GPU (the last row + the forward wrapper): **{rows[-1][2] + wrapper:.1f} us** "
+                  f"per miss (target, issue 14: <= 60 us); of it the launch alone is {rows[-2][2]:.1f} us.", ""]
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

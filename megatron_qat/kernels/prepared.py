@@ -66,6 +66,11 @@ def _interpreting() -> bool:
     return _INTERPRETING
 
 
+# torch.cuda.current_device / is_current_stream_capturing without their Python wrappers (CUDA builds).
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
+
+
 def _raw_stream(device_index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device_index)
 
@@ -76,7 +81,7 @@ class CompiledLaunch:
     kernel's parameter names, which must equal the compiled kernel's (else PreparedLaunchError).
     ``self(grid0, stream, *args)`` launches a 1-D grid with ``args`` in signature order."""
 
-    __slots__ = ("_compiled", "_run", "_function", "_metadata", "_knobs")
+    __slots__ = ("_compiled", "_run", "_function", "_metadata", "knobs")
 
     def __init__(self, compiled, arg_names):
         version = ".".join(triton.__version__.split(".")[:2])
@@ -99,10 +104,10 @@ class CompiledLaunch:
         self._run = compiled.run  # the generated launcher (initialises the module handles once)
         self._function = compiled.function
         self._metadata = compiled.packed_metadata
-        self._knobs = triton.knobs.runtime
+        self.knobs = triton.knobs.runtime
 
     def __call__(self, grid0: int, stream: int, *args) -> None:
-        knobs = self._knobs
+        knobs = self.knobs
         if knobs.launch_enter_hook.calls or knobs.launch_exit_hook.calls:
             self._compiled[(grid0, 1, 1)](*args, stream=stream)  # calls the hooks (profilers)
             return
@@ -128,13 +133,14 @@ class PreparedGroup:
     :func:`prepare_group` after full validation; rebuilt whenever the key changes."""
 
     __slots__ = ("n", "ptrs", "shapes", "dtypes", "device", "total", "dtype", "uniform", "table", "grid",
-                 "fast", "fast_args", "slow_args", "last_out")  # fmt: skip
+                 "fast", "fast_args", "slow_args", "last_out", "graph")  # fmt: skip
 
-    def matches(self, xs) -> bool:
+    def matches(self, xs, ptrs=None) -> bool:
+        """``ptrs``: ``[x.data_ptr() for x in xs]`` when the caller has them already."""
         try:
             return (
                 len(xs) == self.n
-                and tuple(map(_DATA_PTR, xs)) == self.ptrs
+                and (tuple(map(_DATA_PTR, xs)) if ptrs is None else tuple(ptrs)) == self.ptrs
                 and tuple(map(_SHAPE, xs)) == self.shapes
                 and tuple(map(_DTYPE, xs)) == self.dtypes
                 and all(map(_IS_CONTIGUOUS, xs))
@@ -161,19 +167,58 @@ class PreparedGroup:
         return out is not None and out is self.last_out()
 
     def run_into(self, outs: list[torch.Tensor]) -> bool:
-        """Launch again into the flat output behind ``outs`` (:meth:`produced`); False when they are
-        not its views."""
+        """Run again into the flat output behind ``outs`` (:meth:`produced`); False when they are not
+        its views.
+
+        On CUDA this replays a CUDA graph of the launch (a few microseconds of host time instead of
+        the launcher's twenty): the first run into an output captures the compiled launch, with
+        every pointer it reads and writes fixed (the pointer table of the key's tensors, the
+        output's ``data_ptr``), in a graph of its own on a side stream; later runs into the same
+        output address replay it on the current stream. Launched directly instead (no graph): a
+        different output address (the graph is captured again for the new one), another current
+        device, an enclosing capture (the launch is captured into the caller's graph), Triton's
+        launch hooks registered (they see every launch), the interpreter."""
         if not self.produced(outs):
             return False
-        if self.grid:
-            self._launch(outs[0]._base)
+        if not self.grid:
+            return True
+        out = outs[0]._base
+        if self.fast is None or not self._graph_ok(out):
+            self._launch(out)
+            return True
+        ptr = out.data_ptr()
+        graph = self.graph
+        if graph is None or graph[0] != ptr:
+            self.graph = graph = (ptr, self._capture(out))
+        graph[1].replay()
         return True
+
+    def _graph_ok(self, out: torch.Tensor) -> bool:
+        knobs = self.fast.knobs
+        return (_current_device() == self.device.index and not _stream_capturing()
+                and not (knobs.launch_enter_hook.calls or knobs.launch_exit_hook.calls) and not out.data_ptr() % 16)
+
+    def _capture(self, out: torch.Tensor):
+        """A CUDA graph of one direct launch into ``out``, captured on a side stream (capture is not
+        allowed on the legacy default stream) in ``thread_local`` error mode (other threads' CUDA
+        calls, e.g. a communication thread, do not invalidate it). Capturing enqueues nothing; the
+        launch does not allocate, so the graph's private memory pool stays empty. The pointer table
+        it reads is marked captured (kept alive with the quantizer's slot)."""
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self._launch(out)
+            finally:
+                graph.capture_end()
+        return graph
 
     def _launch(self, out: torch.Tensor) -> None:
         if triton_qdq._capturing(out):
             self.table.captured = True  # a captured graph reads this table: the slot keeps it alive
         ptr = out.data_ptr()
-        if self.fast is not None and not ptr % 16 and torch.cuda.current_device() == self.device.index:
+        if self.fast is not None and not ptr % 16 and _current_device() == self.device.index:
             base, table, constexprs = self.fast_args
             self.fast(self.grid, _raw_stream(self.device.index), base, table, ptr, base, base, *constexprs)
             return
@@ -201,7 +246,7 @@ def prepare_group(xs: list[torch.Tensor], block_size: int, rule: Rule, slot) -> 
     p.dtypes = tuple(map(_DTYPE, originals))
     p.device, p.dtype, p.total = originals[0].device, originals[0].dtype, flat.numel()
     p.uniform = (p.n, *p.shapes[0]) if len(set(p.shapes)) == 1 else None
-    p.table, p.grid, p.fast, p.fast_args, p.slow_args = None, 0, None, None, None
+    p.table, p.grid, p.fast, p.fast_args, p.slow_args, p.graph = None, 0, None, None, None, None
     outs = p._views(flat)
     p.last_out = weakref.ref(flat)
     if launched is not None:
@@ -263,7 +308,7 @@ def fake_quantize_activation(x: torch.Tensor, rule: Rule, block_size: int = DEFA
         x = x.contiguous()
     out = torch.empty_like(x)
     if x.numel():
-        if torch.cuda.current_device() != x.device.index:
+        if _current_device() != x.device.index:
             with torch.cuda.device(x.device):
                 launches.launch(x, out, block_size, rule)
         else:

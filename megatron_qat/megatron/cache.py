@@ -358,12 +358,13 @@ class ModuleState:
         if (not plain or torch.compiler.is_compiling() or not self._refillable()
                 or self.fuse != bool(getattr(module, "fuse_wgrad_accumulation", False))):
             return False
-        self._guard(module, weights, ptrs, guard)
+        # No guard call: ``weights`` are the kept masters at the pointers of the last fill, the weight
+        # set the guards accepted then (guard work is once per module and weight set).
         storage = plain[0].untyped_storage()
         if not storage.nbytes() and self.nbytes:
             storage.resize_(self.nbytes)
         with torch.no_grad():
-            if not self.quantizer.quantize_into(weights, plain):
+            if not self.quantizer.quantize_into(weights, plain, ptrs):
                 return False  # the caller drops the copy
         # One counter: the views, their base and the connected aliases share it. (A bare tensor given to
         # torch._C._increment_version is iterated: one bump per row, 1.6 ms for [1536, 2048] on a CPU VM.)

@@ -62,13 +62,16 @@ class GroupedFakeQuantizer:
         prepared = self._prepared
         return prepared is not None and prepared.produced(outs)
 
-    def quantize_into(self, xs, outs: list[torch.Tensor]) -> bool:
+    def quantize_into(self, xs, outs: list[torch.Tensor], ptrs=None) -> bool:
         """Fake-quantize ``xs`` again into ``outs``, the tensors an earlier call of this quantizer
         returned for the same tensors (same key), and return True; False (nothing written) when
         ``outs`` are not the current prepared launch's output or the key changed. The caller makes
-        sure nothing else reads ``outs`` meanwhile and bumps their version counter."""
+        sure nothing else reads ``outs`` meanwhile and bumps their version counter. ``ptrs``: the
+        tensors' ``data_ptr()`` values when the caller has read them already. On CUDA the launch is
+        a CUDA-graph replay (:meth:`megatron_qat.kernels.prepared.PreparedGroup.run_into`)."""
         prepared = self._prepared
-        if prepared is None or torch.compiler.is_compiling() or type(xs) not in (list, tuple) or not prepared.matches(xs):
+        if prepared is None or torch.compiler.is_compiling() or type(xs) not in (list, tuple) \
+                or not prepared.matches(xs, ptrs):
             return False
         return prepared.run_into(outs)
 

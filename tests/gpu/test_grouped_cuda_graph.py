@@ -105,3 +105,78 @@ def test_single_tensor_fake_quant_is_capturable(impl):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(bits(static_out), bits(eager))
+
+
+def _count_direct_launches(monkeypatch) -> list:
+    """Count the prepared direct launches (CompiledLaunch calls): a CUDA-graph replay makes none."""
+    from megatron_qat.kernels import prepared
+
+    calls = []
+    real = prepared.CompiledLaunch.__call__
+    monkeypatch.setattr(prepared.CompiledLaunch, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
+def _check(outs, ws, what):
+    torch.cuda.synchronize()
+    for i, (out, w) in enumerate(zip(outs, ws)):
+        assert compare_bits(out, fake_quantize_reference(w)) is None, f"expert {i}, {what}"
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_refill_replays_a_captured_launch_and_sees_in_place_updates(dtype, monkeypatch):
+    """Issue 14 (host time of a miss): ``quantize_into`` (the cache's refill after an optimizer step)
+    captures its launch once per output address and then replays it: the kernel is launched directly
+    once (inside the capture), every refill equals the reference on the updated weights."""
+    ws = _experts(dtype=dtype)
+    q = mxfp4.GroupedFakeQuantizer(32, impl="triton")
+    outs = q(ws)
+    launches = _count_direct_launches(monkeypatch)
+    for step in range(4):
+        with torch.no_grad():
+            for w in ws:
+                w.mul_(-1.5)  # an optimizer step: in place, same pointers
+        assert q.quantize_into(ws, outs)
+        _check(outs, ws, f"refill {step}")
+    assert len(launches) == 1  # the capture; the other refills were replays
+
+
+def test_refill_into_a_reallocated_output_captures_again(monkeypatch):
+    """A copy whose memory was freed and allocated again (the cache frees an unheld copy at a step)
+    lands at another address: the old graph is not replayed into it; a new one is captured."""
+    ws = _experts(4)
+    q = mxfp4.GroupedFakeQuantizer(32, impl="triton")
+    outs = q(ws)
+    assert q.quantize_into(ws, outs)
+    launches = _count_direct_launches(monkeypatch)
+    storage = outs[0]._base.untyped_storage()
+    nbytes, before = storage.nbytes(), storage.data_ptr()
+    storage.resize_(0)
+    blocker = torch.empty(nbytes, dtype=torch.uint8, device="cuda")  # takes the freed block
+    storage.resize_(nbytes)
+    assert storage.data_ptr() != before
+    with torch.no_grad():
+        for w in ws:
+            w.add_(0.25)
+    assert q.quantize_into(ws, outs)
+    _check(outs, ws, "after the re-allocation")
+    assert len(launches) == 1
+    assert q.quantize_into(ws, outs) and len(launches) == 1  # replayed at the new address
+    del blocker
+
+
+def test_refill_inside_an_enclosing_capture_is_captured_by_the_caller():
+    """Under a caller's capture the refill launches directly (its launch joins the caller's graph),
+    never replays its own graph inside another capture."""
+    ws = _experts(4)
+    q = mxfp4.GroupedFakeQuantizer(32, impl="triton")
+    outs = _warm_up(lambda: q(ws))
+    assert q.quantize_into(ws, outs)  # captures the refill's own graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert q.quantize_into(ws, outs)
+    with torch.no_grad():
+        for w in ws:
+            w.mul_(3)
+    graph.replay()
+    _check(outs, ws, "the caller's replay")

@@ -203,7 +203,9 @@ class PreparedGroup:
         allowed on the legacy default stream) in ``thread_local`` error mode (other threads' CUDA
         calls, e.g. a communication thread, do not invalidate it). Capturing enqueues nothing; the
         launch does not allocate, so the graph's private memory pool stays empty. The pointer table
-        it reads is marked captured (kept alive with the quantizer's slot)."""
+        it reads is marked captured (kept alive with the quantizer's slot). Dropping the graph while
+        a replay is in flight is allowed: ``cuGraphExecDestroy`` frees an in-flight executable graph
+        on completion (CUDA driver API reference)."""
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(self.device)
         with torch.cuda.stream(side):

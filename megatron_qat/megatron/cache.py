@@ -192,7 +192,8 @@ class ModuleState:
     pass through their node: no graph is pending; the node counts its passes) and nobody made a view
     or alias of it (the storage's reference count is the state's own; autograd's saved copies count
     too), an optimizer step (or ``invalidate_cache()``) keeps its tensors and straight-through node,
-    and the next miss on the same weight set re-quantizes INTO them (:meth:`_refill`): no new tensors,
+    and the next miss on the same weight set re-quantizes INTO them (:meth:`_refill`; on CUDA a replay
+    of a CUDA graph of the launch, captured at the first refill): no new tensors,
     no new node, no unbind; the shared version counter is bumped and the Parameters' attributes are
     carried again. Otherwise the copy is dropped and a new one made.
 

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
 
         def direct(fn):  # the refill's launch without its CUDA graph (PreparedGroup.run_into's fallback)
             def run():
-                PreparedGroup._graph_ok = lambda self, out: False
+                PreparedGroup._graph_ok = lambda self, ptr: False
                 try:
                     return fn()
                 finally:

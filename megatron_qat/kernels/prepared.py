@@ -183,20 +183,21 @@ class PreparedGroup:
         if not self.grid:
             return True
         out = outs[0]._base
-        if self.fast is None or not self._graph_ok(out):
+        ptr = out.data_ptr()
+        if self.fast is None or not self._graph_ok(ptr):
             self._launch(out)
             return True
-        ptr = out.data_ptr()
         graph = self.graph
         if graph is None or graph[0] != ptr:
             self.graph = graph = (ptr, self._capture(out))
         graph[1].replay()
         return True
 
-    def _graph_ok(self, out: torch.Tensor) -> bool:
+    def _graph_ok(self, ptr: int) -> bool:
+        """Whether a launch into the output at address ``ptr`` may be a graph replay (see run_into)."""
         knobs = self.fast.knobs
         return (_current_device() == self.device.index and not _stream_capturing()
-                and not (knobs.launch_enter_hook.calls or knobs.launch_exit_hook.calls) and not out.data_ptr() % 16)
+                and not (knobs.launch_enter_hook.calls or knobs.launch_exit_hook.calls) and not ptr % 16)
 
     def _capture(self, out: torch.Tensor):
         """A CUDA graph of one direct launch into ``out``, captured on a side stream (capture is not
